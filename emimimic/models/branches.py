@@ -1,0 +1,225 @@
+"""Per-modality branches of the EMI network: projector, temporal block, pooling, heads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+#: Allowed values of the ``pooling`` argument.
+POOLINGS: tuple[str, ...] = ("mean", "attention")
+
+
+@dataclass
+class BranchOutput:
+    """What one modality branch returns for a batch.
+
+    Attributes:
+        embedding: Branch embedding ``z_m`` ``[B, hidden]``; rows of clips without this modality
+            hold the branch's learned missing-modality embedding.
+        aux: Auxiliary regressor output ``[B, K]`` in ``[0, 1]``.
+        vad: Latent valence/arousal/dominance vector ``[B, 3]`` in ``[0, 1]`` (audio VAD branch
+            only, else ``None``); rows of clips without audio are computed from zero rows and carry
+            no meaning (the loss masks them).
+    """
+
+    embedding: Tensor
+    aux: Tensor
+    vad: Tensor | None = None
+
+
+class AttentionPooling(nn.Module):
+    """Pools a sequence ``[B, T, H]`` to ``[B, H]`` with learned softmax weights over time."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.score = nn.Linear(hidden, 1)
+
+    def weights(self, seq: Tensor) -> Tensor:
+        """Returns the attention weights ``[B, T]`` (each row sums to 1)."""
+        # Softmax in float32: under fp16 autocast 128 logits can overflow or lose mass.
+        return torch.softmax(self.score(seq).squeeze(-1).float(), dim=1)
+
+    def forward(self, seq: Tensor) -> Tensor:
+        """Returns the attention-weighted time average ``[B, H]``."""
+        weights = self.weights(seq).to(seq.dtype)
+        return torch.einsum("bt,bth->bh", weights, seq)
+
+
+class MeanPooling(nn.Module):
+    """Pools a sequence ``[B, T, H]`` to ``[B, H]`` by its time mean."""
+
+    def forward(self, seq: Tensor) -> Tensor:
+        """Returns the time mean ``[B, H]``."""
+        return seq.mean(dim=1)
+
+
+class TemporalEnhancer(nn.Module):
+    """Residual Conv1d block followed by a two-layer bidirectional GRU; keeps ``[B, T, H]``."""
+
+    def __init__(self, hidden: int, dropout: float) -> None:
+        super().__init__()
+        if hidden % 2:
+            raise ValueError(
+                f"temporal enhancement needs an even hidden size (bidirectional GRU with hidden/2 "
+                f"per direction), got hidden={hidden}"
+            )
+        self.conv = nn.Sequential(
+            nn.Conv1d(hidden, hidden, kernel_size=3, padding=1),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Conv1d(hidden, hidden, kernel_size=3, padding=1),
+            nn.GELU(),
+            nn.Dropout(dropout),
+        )
+        self.norm = nn.LayerNorm(hidden)
+        self.gru = nn.GRU(
+            hidden,
+            hidden // 2,
+            num_layers=2,
+            batch_first=True,
+            bidirectional=True,
+            dropout=dropout,
+        )
+
+    def forward(self, seq: Tensor) -> Tensor:
+        """Returns the enhanced sequence ``[B, T, H]``."""
+        conv = self.conv(seq.transpose(1, 2)).transpose(1, 2)
+        seq = seq + self.norm(conv)
+        out, _ = self.gru(seq)
+        return out
+
+
+class ModalityBranch(nn.Module):
+    """Encodes one modality's ``[B, T, D]`` sequence into an embedding and an auxiliary prediction.
+
+    Layers (paper §3): projector LayerNorm(D) -> Linear(D, H) -> GELU -> Dropout per time step;
+    optional temporal enhancement; mean or attention pooling over time; feature layer
+    LayerNorm -> Linear(H, H) giving ``z_m``; auxiliary regressor
+    LayerNorm -> Linear(H, H) -> GELU -> Dropout -> Linear(H, K) -> Sigmoid on ``z_m``.
+    Clips marked absent get a learned missing-modality embedding in place of ``z_m``.
+
+    Args:
+        in_dim: Feature dimension ``D`` of the modality.
+        num_targets: Number of regression targets ``K``.
+        hidden: Width ``H`` of the branch.
+        pooling: ``"mean"`` or ``"attention"``.
+        temporal: Whether to add the Conv1d + BiGRU temporal enhancement.
+        dropout: Dropout probability used throughout the branch.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_targets: int,
+        hidden: int = 256,
+        pooling: str = "mean",
+        temporal: bool = False,
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if in_dim < 1 or num_targets < 1 or hidden < 1:
+            raise ValueError(
+                f"in_dim, num_targets and hidden must be positive, got in_dim={in_dim}, "
+                f"num_targets={num_targets}, hidden={hidden}"
+            )
+        self.in_dim = in_dim
+        self.projector = nn.Sequential(
+            nn.LayerNorm(in_dim),
+            nn.Linear(in_dim, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+        )
+        self.temporal = TemporalEnhancer(hidden, dropout) if temporal else None
+        self.pool = AttentionPooling(hidden) if pooling == "attention" else MeanPooling()
+        self.feature = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden))
+        self.aux_head = nn.Sequential(
+            nn.LayerNorm(hidden),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_targets),
+            nn.Sigmoid(),
+        )
+        # Small random init so the missing embedding differs from any all-zero pattern at start.
+        self.missing_embedding = nn.Parameter(torch.randn(hidden) * 0.02)
+
+    def condition(self, seq: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Returns the projected sequence after any modality-specific pathway, and its latent.
+
+        The generic branch has no such pathway; subclasses (the audio VAD branch) override this.
+        """
+        return seq, None
+
+    def forward(self, x: Tensor, present: Tensor | None = None) -> BranchOutput:
+        """Encodes a batch ``[B, T, D]`` (any float dtype) into a :class:`BranchOutput`.
+
+        Args:
+            x: Features ``[B, T, D]``; float16 input is cast to the parameters' dtype.
+            present: Bool ``[B]``; False marks clips without this modality (their rows are
+                ignored and ``z_m`` is the learned missing embedding). ``None`` = all present.
+        """
+        if x.ndim != 3 or x.shape[-1] != self.in_dim:
+            raise ValueError(
+                f"expected features of shape [B, T, {self.in_dim}], got {tuple(x.shape)}"
+            )
+        # fp16 storage -> parameter dtype (float32 normally); autocast still picks the op dtype.
+        x = x.to(self.projector[1].weight.dtype)
+        seq, vad = self.condition(self.projector(x))
+        if self.temporal is not None:
+            seq = self.temporal(seq)
+        z = self.feature(self.pool(seq))
+        if present is not None:
+            if present.shape != (x.shape[0],):
+                raise ValueError(
+                    f"expected a presence mask of shape [{x.shape[0]}], got {tuple(present.shape)}"
+                )
+            mask = present.to(device=z.device, dtype=torch.bool).unsqueeze(1)
+            # torch.where cuts the gradient to the zero rows of absent clips entirely.
+            z = torch.where(mask, z, self.missing_embedding.to(z.dtype).expand_as(z))
+        return BranchOutput(embedding=z, aux=self.aux_head(z), vad=vad)
+
+
+class AudioVADBranch(ModalityBranch):
+    """Audio branch with the VAD-aware pathway between projector and pooling.
+
+    The time mean of the projected sequence goes through
+    LayerNorm -> Linear(H, H/2) -> GELU -> Dropout -> Linear(H/2, 3) -> Sigmoid to give a latent
+    ``vad`` ``[B, 3]``; it is repeated over time, concatenated to the sequence (``H + 3``) and
+    mapped back by LayerNorm -> Linear(H + 3, H) -> GELU -> Dropout. Other arguments as
+    :class:`ModalityBranch`.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_targets: int,
+        hidden: int = 256,
+        pooling: str = "mean",
+        temporal: bool = False,
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__(in_dim, num_targets, hidden, pooling, temporal, dropout)
+        self.vad_head = nn.Sequential(
+            nn.LayerNorm(hidden),
+            nn.Linear(hidden, hidden // 2),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden // 2, 3),
+            nn.Sigmoid(),
+        )
+        self.vad_fuse = nn.Sequential(
+            nn.LayerNorm(hidden + 3),
+            nn.Linear(hidden + 3, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+        )
+
+    def condition(self, seq: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Returns the VAD-conditioned sequence ``[B, T, H]`` and the latent ``vad`` ``[B, 3]``."""
+        vad = self.vad_head(seq.mean(dim=1))
+        repeated = vad.to(seq.dtype).unsqueeze(1).expand(-1, seq.shape[1], -1)
+        return self.vad_fuse(torch.cat([seq, repeated], dim=-1)), vad
