@@ -1,0 +1,142 @@
+"""The data subcommands of ``emimimic``: ``pack``, ``synth`` and ``info``.
+
+Usage::
+
+    emimimic pack DEST --split train=train_split.csv --split valid=valid_split.csv \\
+        --split test=test_ids.csv --modality visual=feat/vit --modality audio=feat/wavlm \\
+        --modality text=feat/chatglm3 [--missing error|absent] [--targets emi|header|A,B,...] \\
+        [--provenance KEY=VALUE ...]
+    emimimic synth DEST [--seed 0] [--train 384 --valid 256 --test 128] \\
+        [--dims visual=32,audio=48,text=64 | --paper-dims] [--targets A,B,...]
+    emimimic info STORE
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from emimimic.constants import EMOTIONS
+from emimimic.data.pack import MISSING_POLICIES, pack
+from emimimic.data.store import FeatureStore, StoreError, human_bytes
+from emimimic.data.synth import DEFAULT_COUNTS, DEMO_DIMS, PAPER_DIMS, synth
+
+
+def _pairs(values: Sequence[str], option: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for value in values:
+        key, sep, rest = value.partition("=")
+        if not sep or not key or not rest:
+            raise StoreError(f"{option} {value!r}: expected NAME=VALUE")
+        if key in out:
+            raise StoreError(f"{option} {key!r} given twice")
+        out[key] = rest
+    return out
+
+
+def _dims(text: str) -> dict[str, int]:
+    pairs = _pairs(text.split(","), "--dims")
+    try:
+        dims = {m: int(d) for m, d in pairs.items()}
+    except ValueError as err:
+        raise StoreError(f"--dims {text!r}: dims must be integers ({err})") from None
+    if any(d < 1 for d in dims.values()):
+        raise StoreError(f"--dims {text!r}: dims must be >= 1")
+    return dims
+
+
+def _targets(text: str) -> list[str] | None:
+    if text == "emi":
+        return list(EMOTIONS)
+    if text == "header":
+        return None
+    return [t.strip() for t in text.split(",")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Returns the argument parser of the data subcommands."""
+    parser = argparse.ArgumentParser(prog="emimimic",
+                                     description="Build and inspect feature stores.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pack",
+                       help="build a feature store from split CSVs and per-clip feature files")
+    p.add_argument("dest",
+                   help="store folder to create (an interrupted run resumes from DEST.partial)")
+    p.add_argument("--split", action="append", required=True, metavar="NAME=CSV",
+                   help="split CSV (Filename + targets, or Filename only if unlabelled); repeat")
+    p.add_argument("--modality", action="append", required=True, metavar="NAME=DIR",
+                   help="folder of {id}.npy / {id}.pkl files with [T, D] features; repeat")
+    p.add_argument("--missing", choices=MISSING_POLICIES, default="error",
+                   help="a missing feature file is an error (default) or a recorded absence")
+    p.add_argument("--targets", default="emi",
+                   help="'emi' (the six EMI emotions, default), 'header' (take them from the "
+                        "CSV header) or a comma-separated list")
+    p.add_argument("--provenance", action="append", default=[], metavar="KEY=VALUE",
+                   help="recorded in the manifest, e.g. visual_extractor=ViT-AffectNet; repeat")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("synth", help="write a SYNTHETIC store (not real data) for demos and tests")
+    s.add_argument("dest", help="store folder to create")
+    s.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical store")
+    for split, count in DEFAULT_COUNTS.items():
+        s.add_argument(f"--{split}", type=int, default=count, help=f"{split} clips (0: none)")
+    dims = s.add_mutually_exclusive_group()
+    dims.add_argument("--dims", type=_dims, default=None, metavar="visual=32,audio=48,text=64",
+                      help=f"modality dims (default {DEMO_DIMS})")
+    dims.add_argument("--paper-dims", action="store_true", help=f"the paper's dims {PAPER_DIMS}")
+    s.add_argument("--targets", default="emi", help="'emi' or a comma-separated list of names")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("info", help="print a summary of a feature store")
+    i.add_argument("store", help="store folder")
+    return parser
+
+
+def info(path: str) -> str:
+    """Returns a short summary of a store: splits, counts, dims, targets, presence, size."""
+    store = FeatureStore(path)
+    prov = store.provenance
+    lines = [f"store      {store.path}  ({human_bytes(store.nbytes())} on disk)",
+             f"targets    {len(store.targets)}: {', '.join(store.targets)}",
+             f"modalities {', '.join(f'{m} (D={d})' for m, d in store.dims.items())}"]
+    if prov.get("synthetic"):
+        lines.append("provenance SYNTHETIC DATA (emimimic synth, seed "
+                     f"{prov.get('seed')}): not real features")
+    else:
+        lines.append(f"provenance {', '.join(f'{k}={v}' for k, v in prov.items())}")
+    for name, spec in store.manifest["splits"].items():
+        present = ", ".join(f"{m} {100 * spec['present'][m] / max(spec['count'], 1):.1f}%"
+                            for m in store.dims)
+        kind = "labelled" if spec["labelled"] else "unlabelled"
+        lines.append(f"split      {name}: {spec['count']} clips, {kind}; present: {present}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Runs ``emimimic pack|synth|info`` with ``argv`` (default ``sys.argv[1:]``).
+
+    Store errors are printed as one line and exit with status 2.
+    """
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        if args.command == "pack":
+            dest = pack(args.dest, _pairs(args.split, "--split"),
+                        _pairs(args.modality, "--modality"), missing=args.missing,
+                        targets=_targets(args.targets),
+                        provenance=_pairs(args.provenance, "--provenance"),
+                        progress=not args.quiet)
+            print(info(str(dest)))
+        elif args.command == "synth":
+            dims = PAPER_DIMS if args.paper_dims else (args.dims or DEMO_DIMS)
+            counts = {split: getattr(args, split) for split in DEFAULT_COUNTS}
+            targets = _targets(args.targets) or list(EMOTIONS)
+            dest = synth(args.dest, seed=args.seed, counts=counts, dims=dims, targets=targets,
+                         progress=not args.quiet)
+            print(info(str(dest)))
+        else:
+            print(info(args.store))
+    except StoreError as err:
+        print(f"emimimic {args.command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

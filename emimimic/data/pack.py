@@ -1,0 +1,230 @@
+"""Builds a feature store from ABAW split CSVs and per-clip feature files (``emimimic pack``).
+
+Inputs: one CSV per split (header ``Filename,<target>,...`` or ``Filename`` alone for an
+unlabelled split; integer ids are zero-padded to 5 digits) and, per modality, a folder of
+``{id}.npy`` or ``{id}.pkl`` files holding the clip's [T, D] features (a [D] vector is T = 1).
+Everything is validated before the first feature file is read: CSV headers, labels, duplicate
+ids and which feature files exist. Feature files are then checked one by one as they are stored.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from emimimic.constants import EMOTIONS, ID_COLUMN
+from emimimic.data.safe_pickle import load_pickle
+from emimimic.data.store import (
+    FORMAT_VERSION,
+    SplitPlan,
+    StoreError,
+    StoreWriter,
+    normalise_id,
+)
+
+#: What ``missing`` may say about a clip whose feature file for a modality does not exist.
+MISSING_POLICIES = ("error", "absent")
+SUFFIXES = (".npy", ".pkl")
+
+
+def read_split_csv(path: str | Path, targets: Sequence[str] | None = EMOTIONS
+                   ) -> tuple[list[str], np.ndarray | None, list[str]]:
+    """Returns (clip ids, float64 labels [N, K] or None, target names) of one split CSV.
+
+    Args:
+        path: the CSV; header ``Filename`` + target columns, or ``Filename`` alone (unlabelled).
+        targets: the target columns a labelled CSV must have, in order; None takes them from the
+            header (any number, e.g. seven ERI emotions or a single valence column).
+
+    Raises:
+        StoreError: wrong header, bad or duplicate id, a label that is missing, not a number or
+            outside [0, 1]. Messages name the file, the line and the clip id.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"{path}: split CSV not found")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise StoreError(f"{path}: empty CSV, expected a header starting with {ID_COLUMN!r}")
+    header = [h.strip() for h in rows[0]]
+    if header[0] != ID_COLUMN:
+        raise StoreError(f"{path}: header {rows[0]} must start with {ID_COLUMN!r}")
+    names = header[1:]
+    labelled = bool(names)
+    if labelled:
+        if targets is not None and names != list(targets):
+            raise StoreError(f"{path}: header {header} does not match the expected targets; "
+                             f"expected {[ID_COLUMN, *targets]}")
+        if len(set(names)) != len(names) or not all(names):
+            raise StoreError(f"{path}: header {header} has empty or repeated target names")
+    ids: list[str] = []
+    seen: dict[str, int] = {}
+    labels = np.zeros((len(rows) - 1, len(names)), dtype=np.float64)
+    for n, row in enumerate(rows[1:]):
+        line = n + 2
+        if len(row) != len(header):
+            raise StoreError(f"{path}, line {line}: {len(row)} fields, expected {len(header)}")
+        clip = normalise_id(row[0], f"{path}, line {line}")
+        if clip in seen:
+            raise StoreError(f"{path}, line {line}: duplicate clip id {clip} "
+                             f"(first on line {seen[clip]})")
+        seen[clip] = line
+        ids.append(clip)
+        for k, (name, text) in enumerate(zip(names, row[1:], strict=True)):
+            where = f"{path}, line {line}, clip {clip}, column {name!r}"
+            if not text.strip():
+                raise StoreError(f"{where}: missing label (empty); expected a number in [0, 1]")
+            try:
+                value = float(text)
+            except ValueError:
+                raise StoreError(f"{where}: label {text!r} is not a number in [0, 1]") from None
+            if math.isnan(value):
+                raise StoreError(f"{where}: missing label (NaN); expected a number in [0, 1]")
+            if not 0.0 <= value <= 1.0:
+                raise StoreError(f"{where}: label {value} outside [0, 1]")
+            labels[n, k] = value
+    if not ids:
+        raise StoreError(f"{path}: no clips after the header")
+    return ids, (labels if labelled else None), names
+
+
+def find_feature_file(folder: Path, clip: str) -> Path | None:
+    """Returns ``folder/{clip}.npy`` or ``.pkl``, whichever exists, or None if neither does.
+
+    Raises:
+        StoreError: both exist (which one is meant is ambiguous).
+    """
+    found = [folder / f"{clip}{s}" for s in SUFFIXES if (folder / f"{clip}{s}").is_file()]
+    if len(found) > 1:
+        raise StoreError(f"{found[0]} and {found[1]}: two feature files for clip {clip}; keep one")
+    return found[0] if found else None
+
+
+def load_feature_file(path: Path) -> np.ndarray:
+    """Returns the array in a ``.npy`` (no pickles allowed) or ``.pkl`` feature file.
+
+    Raises:
+        StoreError: unreadable file, refused pickle, or a suffix other than .npy / .pkl.
+    """
+    if path.suffix == ".pkl":
+        return load_pickle(path)
+    if path.suffix != ".npy":
+        raise StoreError(f"{path}: unknown feature file type, expected one of {SUFFIXES}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise StoreError(f"{path}: cannot read as a .npy array without pickles ({err})") from err
+
+
+def _feature_dim(path: Path, clip: str, modality: str) -> int:
+    arr = load_feature_file(path)
+    if arr.ndim not in (1, 2) or arr.shape[-1] == 0:
+        raise StoreError(f"{path} (clip {clip}, modality {modality}): expected [T, D] or [D], "
+                         f"got shape {tuple(arr.shape)}")
+    return int(arr.shape[-1])
+
+
+def pack(dest: str | os.PathLike[str], splits: Mapping[str, str | os.PathLike[str]],
+         modalities: Mapping[str, str | os.PathLike[str]], *, missing: str = "error",
+         targets: Sequence[str] | None = EMOTIONS,
+         dims: Mapping[str, int] | None = None,
+         provenance: Mapping[str, Any] | None = None, progress: bool = True) -> Path:
+    """Builds a feature store at ``dest``; returns its path. Resumes an interrupted run.
+
+    Args:
+        dest: the store folder to create (must not exist; work happens in ``dest.partial``).
+        splits: split name -> CSV path (``Filename`` + targets, or ``Filename`` only).
+        modalities: modality name -> folder of ``{id}.npy`` / ``{id}.pkl`` files.
+        missing: ``"error"``: a missing feature file is an error; ``"absent"``: it is recorded as
+            a clip without that modality (it reads as zeros with ``present`` False).
+        targets: target columns labelled CSVs must have; None takes them from the first labelled
+            CSV's header (all labelled CSVs must then agree).
+        dims: expected D per modality; by default taken from the first file found per modality.
+        provenance: extra key/values recorded in the manifest (e.g. the feature extractor).
+        progress: show a tqdm progress bar.
+
+    Raises:
+        StoreError: any invalid input, with a message naming the file, the clip and the rule.
+    """
+    if missing not in MISSING_POLICIES:
+        raise StoreError(f"missing={missing!r}; expected one of {MISSING_POLICIES}")
+    if not splits or not modalities:
+        raise StoreError("pack needs at least one split CSV and one modality folder")
+    dest = Path(dest)
+    if dest.exists():
+        raise StoreError(f"{dest}: destination already exists; choose a new path or remove it")
+    # 1. all CSVs, fully, before any feature file
+    plans: list[SplitPlan] = []
+    owner: dict[str, str] = {}
+    for name, csv_path in splits.items():
+        ids, labels, names = read_split_csv(csv_path, targets)
+        if labels is not None:
+            if targets is None:
+                targets = names
+            elif names != list(targets):
+                raise StoreError(f"{csv_path}: targets {names} differ from another split's "
+                                 f"{list(targets)}")
+        for clip in ids:
+            if clip in owner:
+                raise StoreError(f"{csv_path}: clip id {clip} also appears in split "
+                                 f"{owner[clip]!r} ({splits[owner[clip]]})")
+            owner[clip] = name
+        plans.append(SplitPlan(name, ids, labels))
+    if targets is None:
+        raise StoreError("no split CSV has label columns, so the targets are unknown; pass them")
+    # 2. which feature files exist, and the dims, before reading any of them
+    folders = {m: Path(p) for m, p in modalities.items()}
+    for m, folder in folders.items():
+        if not folder.is_dir():
+            raise StoreError(f"{folder}: feature folder of modality {m!r} not found")
+    files: dict[str, list[dict[str, Path | None]]] = {}
+    for plan in plans:
+        files[plan.name] = []
+        for clip in plan.ids:
+            found = {m: find_feature_file(folder, clip) for m, folder in folders.items()}
+            if all(f is None for f in found.values()):
+                raise StoreError(f"clip {clip} of {splits[plan.name]}: no feature file in any "
+                                 f"modality (looked for {clip}.npy/.pkl in "
+                                 f"{[str(f) for f in folders.values()]})")
+            if missing == "error":
+                for m, f in found.items():
+                    if f is None:
+                        raise StoreError(f"{folders[m] / clip}.npy (or .pkl): missing feature file "
+                                         f"of clip {clip} (split {plan.name!r}, modality {m}); "
+                                         "use --missing absent if the clip has no such data")
+            files[plan.name].append(found)
+    expected = dict(dims or {})
+    for m in folders:
+        if m not in expected:
+            first = next((c, f[m]) for p in plans for c, f in zip(p.ids, files[p.name],
+                                                                   strict=True) if f[m] is not None)
+            expected[m] = _feature_dim(first[1], first[0], m)
+    record = {"created_by": "emimimic pack", "synthetic": False, "format_version": FORMAT_VERSION,
+              "splits": {n: str(p) for n, p in splits.items()},
+              "modalities": {m: str(p) for m, p in modalities.items()},
+              "missing": missing, **dict(provenance or {})}
+    # 3. features, clip by clip, resumable
+    writer = StoreWriter(dest, targets, expected, plans, record)
+    try:
+        total = sum(len(p.ids) for p in plans)
+        already = sum(writer.done(p.name) for p in plans)
+        with tqdm(total=total, initial=already, desc=f"pack {dest.name}", unit="clip",
+                  disable=not progress) as bar:
+            for plan in plans:
+                for n in range(writer.done(plan.name), len(plan.ids)):
+                    found = files[plan.name][n]
+                    arrays = {m: None if f is None else load_feature_file(f)
+                              for m, f in found.items()}
+                    writer.add(plan.name, arrays, {m: str(f) for m, f in found.items()})
+                    bar.update(1)
+    finally:
+        writer.close()
+    return writer.finish()

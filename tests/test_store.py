@@ -1,0 +1,180 @@
+"""Feature store format and reader: exact pooled reads, presence, validation, pickling."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from emimimic.data import store as store_mod
+from emimimic.data.store import FeatureStore, SplitPlan, StoreError, StoreWriter, pool_stored
+
+LENGTHS = (1, 7, 127, 128, 129, 1000)
+
+
+def torch_pool(raw: np.ndarray) -> np.ndarray:
+    """Independent reference: the expression the store format promises to match."""
+    return F.adaptive_avg_pool1d(torch.from_numpy(raw).T[None].float(), 128)[0].T.half().numpy()
+
+
+def f16_values(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Float16-representable float32 values over a wide range of magnitudes and signs."""
+    scale = 10.0 ** rng.uniform(-4, 3, size=shape)
+    return (rng.standard_normal(shape) * scale).astype(np.float16).astype(np.float32)
+
+
+def build(dest: Path, clips: list[dict[str, np.ndarray | None]], dims: dict[str, int],
+          targets: tuple[str, ...] = ("a", "b")) -> FeatureStore:
+    ids = [f"{i:05d}" for i in range(len(clips))]
+    labels = np.linspace(0, 1, len(clips) * len(targets)).reshape(len(clips), len(targets))
+    writer = StoreWriter(dest, targets, dims, [SplitPlan("train", ids, labels)], {"test": True})
+    for arrays in clips:
+        writer.add("train", arrays)
+    return FeatureStore(writer.finish())
+
+
+def test_read_equals_adaptive_avg_pool_for_short_and_long_clips(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    raws = [f16_values(rng, (t, 24)) for t in LENGTHS]
+    view = build(tmp_path / "s", [{"v": r} for r in raws], {"v": 24}).split("train")
+    for i, raw in enumerate(raws):
+        got = view.read("v", i)
+        assert got.dtype == np.float16 and got.shape == (128, 24)
+        np.testing.assert_array_equal(got.view(np.uint16), torch_pool(raw).view(np.uint16),
+                                      err_msg=f"T={raw.shape[0]}")
+    batch = view.read_batch("v", [5, 0, 2])
+    np.testing.assert_array_equal(batch[0], torch_pool(raws[5]))
+    np.testing.assert_array_equal(batch[1], torch_pool(raws[0]))
+
+
+@pytest.mark.parametrize("length", range(1, 129))
+def test_pool_stored_is_bit_exact_for_every_short_length(length: int) -> None:
+    # stored rows never hold -0.0 (the writer normalises it), so neither do these
+    rows = (f16_values(np.random.default_rng(length), (length, 40)) + 0.0).astype(np.float16)
+    out = np.empty((128, 40), dtype=np.float16)
+    pool_stored(rows, out)
+    np.testing.assert_array_equal(out.view(np.uint16), torch_pool(rows).view(np.uint16))
+
+
+def test_negative_zeros_read_like_adaptive_pool(tmp_path: Path) -> None:
+    raw = np.array([[-0.0, 1.0], [-0.0, -0.0], [2.0, -0.0]], dtype=np.float32)
+    view = build(tmp_path / "s", [{"v": raw}], {"v": 2}).split("train")
+    got = view.read("v", 0)
+    np.testing.assert_array_equal(got.view(np.uint16), torch_pool(raw).view(np.uint16))
+
+
+def test_storage_rule_short_raw_long_pooled(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    raws = [f16_values(rng, (t, 4)) for t in LENGTHS]
+    build(tmp_path / "s", [{"v": r} for r in raws], {"v": 4})
+    index = np.load(tmp_path / "s" / "train" / "v.index.npy")
+    assert index[:, 2].tolist() == list(LENGTHS)
+    assert index[:, 1].tolist() == [min(t, 128) for t in LENGTHS]
+    assert index[:, 0].tolist() == np.concatenate([[0], np.cumsum(index[:-1, 1])]).tolist()
+    size = (tmp_path / "s" / "train" / "v.f16").stat().st_size
+    assert size == sum(min(t, 128) for t in LENGTHS) * 4 * 2
+    # short clips are stored as their raw float16 rows
+    data = np.fromfile(tmp_path / "s" / "train" / "v.f16", dtype=np.float16).reshape(-1, 4)
+    np.testing.assert_array_equal(data[index[1, 0]:index[1, 0] + 7], raws[1].astype(np.float16))
+
+
+def test_vector_counts_as_one_step(tmp_path: Path) -> None:
+    vec = f16_values(np.random.default_rng(2), (6,))
+    view = build(tmp_path / "s", [{"v": vec}], {"v": 6}).split("train")
+    np.testing.assert_array_equal(view.read("v", 0), np.tile(vec.astype(np.float16), (128, 1)))
+
+
+def test_absent_clip_reads_zero_and_not_present(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    clips = [{"a": f16_values(rng, (5, 3)), "t": None}, {"a": None, "t": f16_values(rng, (9, 2))}]
+    view = build(tmp_path / "s", clips, {"a": 3, "t": 2}).split("train")
+    assert view.present("a").tolist() == [True, False]
+    assert view.present("t").tolist() == [False, True]
+    assert not view.read("t", 0).any() and not view.read("a", 1).any()
+    assert view.read("a", 0).any()
+    assert view.raw_lengths("t").tolist() == [0, 9]
+
+
+def test_labels_and_ids_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    s = build(tmp_path / "s", [{"v": f16_values(rng, (3, 2))} for _ in range(4)], {"v": 2})
+    view = s.split("train")
+    assert view.ids == ["00000", "00001", "00002", "00003"]
+    expected = np.linspace(0, 1, 8).reshape(4, 2).astype(np.float32)
+    np.testing.assert_array_equal(view.labels, expected)
+    assert s.targets == ["a", "b"] and s.dims == {"v": 2} and s.splits == ["train"]
+
+
+def test_folder_without_manifest_is_not_a_store(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    build(tmp_path / "s", [{"v": f16_values(rng, (3, 2))}], {"v": 2})
+    (tmp_path / "s" / "manifest.json").unlink()
+    with pytest.raises(StoreError, match="not a feature store"):
+        FeatureStore(tmp_path / "s")
+
+
+def test_wrong_format_version_is_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    build(tmp_path / "s", [{"v": f16_values(rng, (3, 2))}], {"v": 2})
+    path = tmp_path / "s" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["format_version"] = 99
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="format_version 99"):
+        FeatureStore(tmp_path / "s")
+
+
+def test_truncated_data_file_is_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    build(tmp_path / "s", [{"v": f16_values(rng, (30, 2))}], {"v": 2})
+    data = tmp_path / "s" / "train" / "v.f16"
+    data.write_bytes(data.read_bytes()[:-4])
+    with pytest.raises(StoreError, match="v.f16: expected 120 bytes"):
+        FeatureStore(tmp_path / "s").split("train")
+
+
+def test_unknown_split_and_modality_name_what_exists(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    s = build(tmp_path / "s", [{"v": f16_values(rng, (3, 2))}], {"v": 2})
+    with pytest.raises(StoreError, match=r"split 'valid' not in the store \(it has \['train'\]\)"):
+        s.split("valid")
+    with pytest.raises(StoreError, match=r"modality 'text' not in the store"):
+        s.split("train").read("text", 0)
+
+
+def test_view_pickles_without_its_memory_maps(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    raws = [f16_values(rng, (t, 5)) for t in (3, 200)]
+    view = build(tmp_path / "s", [{"v": r} for r in raws], {"v": 5}).split("train")
+    before = view.read("v", 1)
+    assert view._maps  # opened by the read
+    clone = pickle.loads(pickle.dumps(view))
+    assert clone._maps == {}
+    np.testing.assert_array_equal(clone.read("v", 1), before)
+
+
+def test_reads_stay_exact_after_pages_are_released(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "RELEASE_BYTES", 1)  # release after every read
+    rng = np.random.default_rng(10)
+    raws = [f16_values(rng, (t, 64)) for t in (50, 300, 128)]
+    view = build(tmp_path / "s", [{"v": r} for r in raws], {"v": 64}).split("train")
+    for _ in range(2):
+        for i, raw in enumerate(raws):
+            np.testing.assert_array_equal(view.read("v", i), torch_pool(raw))
+    assert view._maps["v"].touched == 0
+
+
+def test_preload_reads_the_same(tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)
+    raws = [f16_values(rng, (t, 3)) for t in LENGTHS]
+    view = build(tmp_path / "s", [{"v": r} for r in raws], {"v": 3}).split("train")
+    mapped = view.read_batch("v", range(len(raws)))
+    view.preload()
+    assert "v" in view._preloaded
+    np.testing.assert_array_equal(view.read_batch("v", range(len(raws))), mapped)
