@@ -9,7 +9,11 @@ provenance that it is synthetic. What it imitates (see ``label_stats.md``):
 * every clip has a hidden latent vector ``z`` that drives its labels; each modality carries ``z``
   through a fixed random projection with its own strength (text > audio > visual, as in the paper)
   against a clip-level nuisance in the same subspace, plus per-step noise, so a model can learn
-  the task and the unimodal ranking is the paper's;
+  the task and the unimodal ranking is the paper's. Half of that strength is visible in the
+  clip's time-mean; the other part rides on a per-step pattern whose sign flips at random from
+  step to step, so it cancels in the time-mean and only a model that is non-linear per step
+  before pooling (the paper's projector) can use it. A time-averaged linear baseline therefore
+  sees part of the signal, and the demo shows what the architecture adds;
 * raw lengths are realistic: durations log-normal (mean ~7 s, 95th percentile ~11.5 s), visual
   25 or 30 fps, audio 50 Hz, text 10-60 tokens (~3.2 tokens/s); ~5% of clips have no text (silent)
   and ~1% no face;
@@ -38,6 +42,10 @@ PAPER_DIMS: dict[str, int] = {"visual": 768, "audio": 1024, "text": 4096}
 DEFAULT_COUNTS: dict[str, int] = {"train": 384, "valid": 256, "test": 128}
 #: How strongly each modality carries the latent label driver (text most, face least).
 SIGNAL: dict[str, float] = {"text": 1.2, "audio": 0.6, "visual": 0.15}
+#: Share of a modality's signal strength visible in the time-mean (the rest flips sign per step).
+MEAN_VISIBLE: float = 0.5
+#: Offset of the sign-flipping pattern: its magnitude, not its sign, carries the latent.
+_FLIP_OFFSET: float = 1.5
 #: Share of clips without data: silent clips have no transcript, a few have no detected face.
 MISSING: dict[str, float] = {"text": 0.05, "visual": 0.01}
 #: Fraction of all-zero label rows per split (label_stats.md: train none, valid 16.9%).
@@ -128,6 +136,8 @@ def synth(dest: str | os.PathLike[str], *, seed: int = 0,
     latent = k + 1
     proj = {m: np.random.default_rng([seed, 7, i]).standard_normal((latent, d)).astype(np.float32)
             / np.sqrt(latent) for i, (m, d) in enumerate(dims.items())}
+    flip = {m: np.random.default_rng([seed, 9, i]).standard_normal((latent, d)).astype(np.float32)
+            / np.sqrt(latent) for i, (m, d) in enumerate(dims.items())}
     plans, latents, first = [], {}, 0
     for name, n in counts.items():
         rng = np.random.default_rng([seed, 1, _split_key(name)])
@@ -152,7 +162,8 @@ def synth(dest: str | os.PathLike[str], *, seed: int = 0,
                 bar.update(writer.done(plan.name))
                 for i in range(writer.done(plan.name), len(plan.ids)):
                     rng = np.random.default_rng([seed, 2, _split_key(plan.name), i])
-                    writer.add(plan.name, _clip_arrays(rng, z[i], float(secs[i]), dims, proj))
+                    writer.add(plan.name, _clip_arrays(rng, z[i], float(secs[i]), dims, proj,
+                                                       flip))
                     bar.update(1)
     finally:
         writer.close()
@@ -160,8 +171,8 @@ def synth(dest: str | os.PathLike[str], *, seed: int = 0,
 
 
 def _clip_arrays(rng: np.random.Generator, z: np.ndarray, duration: float,
-                 dims: Mapping[str, int], proj: Mapping[str, np.ndarray]
-                 ) -> dict[str, np.ndarray | None]:
+                 dims: Mapping[str, int], proj: Mapping[str, np.ndarray],
+                 flip: Mapping[str, np.ndarray]) -> dict[str, np.ndarray | None]:
     lengths = raw_lengths(rng, duration)
     gone = {m: bool(rng.random() < MISSING.get(m, 0.0)) for m in dims}
     if all(gone.values()):  # every clip has some data (a store refuses empty clips)
@@ -173,10 +184,15 @@ def _clip_arrays(rng: np.random.Generator, z: np.ndarray, duration: float,
             continue
         # the clip-level nuisance lives in the same subspace as the signal, so no linear map can
         # separate them: a modality's strength is its signal-to-nuisance ratio
+        strength = SIGNAL.get(m, SIGNAL["audio"])
         nuisance = rng.standard_normal(z.shape[0]).astype(np.float32)
-        base = (SIGNAL.get(m, SIGNAL["audio"]) * z + nuisance) @ proj[m]
-        steps = rng.standard_normal((lengths.get(m, lengths["audio"]), d), dtype=np.float32)
+        base = (MEAN_VISIBLE * strength * z + nuisance) @ proj[m]
+        pattern = (_FLIP_OFFSET + strength * z) @ flip[m]
+        n_steps = lengths.get(m, lengths["audio"])
+        signs = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=(n_steps, 1))
+        steps = rng.standard_normal((n_steps, d), dtype=np.float32)
         steps *= np.float32(0.5)
         steps += base
+        steps += signs * pattern.astype(np.float32)
         arrays[m] = steps
     return arrays
