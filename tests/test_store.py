@@ -178,3 +178,40 @@ def test_preload_reads_the_same(tmp_path: Path) -> None:
     view.preload()
     assert "v" in view._preloaded
     np.testing.assert_array_equal(view.read_batch("v", range(len(raws))), mapped)
+
+
+def test_read_rows_gives_stored_rows_back_to_back(tmp_path: Path) -> None:
+    rng = np.random.default_rng(12)
+    raws = [f16_values(rng, (t, 6)) for t in LENGTHS] + [None, f16_values(rng, (3, 6))]
+    clips = [{"v": r, "w": f16_values(rng, (2, 1))} for r in raws]  # "w": no clip is empty
+    view = build(tmp_path / "s", clips, {"v": 6, "w": 1}).split("train")
+    assert view.stored_rows("v").tolist() == [1, 7, 127, 128, 128, 128, 0, 3]
+    data = np.fromfile(tmp_path / "s" / "train" / "v.f16", dtype=np.float16).reshape(-1, 6)
+    index = np.load(tmp_path / "s" / "train" / "v.index.npy")
+    for order in ([7, 0, 6, 5, 1], [2, 3, 4], [6], [1, 1, 0], list(range(8))):
+        expected = np.concatenate([data[index[i, 0]:index[i, 0] + index[i, 1]] for i in order])
+        got = view.read_rows("v", order)
+        assert got.dtype == np.float16
+        np.testing.assert_array_equal(got.view(np.uint16), expected.view(np.uint16))
+        out = np.full_like(expected, np.nan)
+        assert view.read_rows("v", order, out=out) is out
+        np.testing.assert_array_equal(out, expected)
+    # stored rows of a long clip are its pooled rows, of a short one its raw rows
+    np.testing.assert_array_equal(view.read_rows("v", [4]), torch_pool(raws[4]))
+    np.testing.assert_array_equal(view.read_rows("v", [1]), raws[1].astype(np.float16))
+    view.preload()
+    np.testing.assert_array_equal(view.read_rows("v", [7, 0, 5]),
+                                  np.concatenate([data[-3:], data[:1], data[391:519]]))
+
+
+def test_read_rows_checks_its_output_and_the_file(tmp_path: Path) -> None:
+    rng = np.random.default_rng(13)
+    view = build(tmp_path / "s", [{"v": f16_values(rng, (t, 2))} for t in (4, 5)],
+                 {"v": 2}).split("train")
+    with pytest.raises(StoreError, match=r"v.f16: read_rows needs a C-contiguous float16 \[9, 2\]"):
+        view.read_rows("v", [0, 1], out=np.empty((8, 2), np.float16))
+    view.read_rows("v", [0])  # opens the file
+    data = tmp_path / "s" / "train" / "v.f16"
+    data.write_bytes(data.read_bytes()[:-4])  # the store changes under the open reader
+    with pytest.raises(StoreError, match="v.f16: file ends at byte 32 inside clip 00001"):
+        view.read_rows("v", [1])

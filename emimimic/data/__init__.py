@@ -4,7 +4,12 @@ Build stores with :func:`emimimic.data.pack.pack` and :func:`emimimic.data.synth
 submodules keep those names, so they are not re-exported here).
 """
 
-from emimimic.data.datamodule import EMIDataModule, EvalShardSampler, FeatureDataset
+from emimimic.data.datamodule import (
+    EMIDataModule,
+    EvalShardSampler,
+    FeatureDataset,
+    expand_batch,
+)
 from emimimic.data.store import FeatureStore, SplitView, StoreError, pool_reference
 
 __all__ = [
@@ -14,5 +19,6 @@ __all__ = [
     "FeatureStore",
     "SplitView",
     "StoreError",
+    "expand_batch",
     "pool_reference",
 ]

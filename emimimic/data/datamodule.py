@@ -1,11 +1,26 @@
-"""LightningDataModule serving feature-store splits as batches of pooled features.
+"""LightningDataModule serving feature-store splits: compact batches, expanded on the device.
 
-A batch is a dict (the batch contract shared with the model)::
+The model receives the batch contract shared with the network::
 
     features: dict[str, Tensor]  modality -> [B, 128, D] float16 (absent clips are zero rows)
     present:  dict[str, Tensor]  modality -> [B] bool (False: no data, the rows are not real)
     target:   Tensor [B, K] float32 (labelled splits only)
     ids:      list[str]          clip ids
+
+The DataLoaders do not build ``features``: they serve *compact* batches, which hold only the
+stored rows (a text clip of 25 tokens is 25 rows, not 128)::
+
+    rows:     dict[str, Tensor]  modality -> [R, D] float16, the stored rows of the batch's clips
+                                 back to back (0 rows for an absent clip, 128 pooled rows for a
+                                 clip with T > 128, its T raw rows otherwise)
+    lengths:  dict[str, Tensor]  modality -> [B] int64, stored rows per clip
+    present, target, ids         as above
+
+:func:`expand_batch` turns a compact batch into the contract, bit for bit equal to
+``SplitView.read`` (adaptive average pooling to 128 steps). Under a Lightning ``Trainer``,
+:meth:`EMIDataModule.on_after_batch_transfer` calls it, so the expansion runs after the (smaller)
+host-to-device copy, on the GPU when there is one. **A bare PyTorch loop over these loaders must
+call** ``batch = expand_batch(move_to_device(batch))`` **itself** before using ``features``.
 
 Samplers are built here because exact whole-split Pearson needs every clip exactly once: under
 DDP the evaluation loaders give rank r the clips r, r + W, r + 2W, ... without the padding that
@@ -41,8 +56,117 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
+def _host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Returns an uninitialised CPU tensor whose memory numpy allocated.
+
+    numpy advises the kernel to back large arrays with huge pages, so first writes to a fresh
+    multi-megabyte buffer fault a few 2 MiB pages instead of thousands of 4 KiB ones (measured
+    3-10x faster than ``torch.empty`` for the [B, 128, D] outputs of :func:`expand_rows`).
+    """
+    return torch.from_numpy(np.empty(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
+
+
+def _pool_bins(steps: int = STEPS) -> torch.Tensor:
+    """Returns int64 [2, steps + 1, steps]: first and last stored row of each pooling bin.
+
+    Row L describes a clip with L stored rows: adaptive average pooling to ``steps`` bins puts
+    rows [floor(i L / S), ceil((i + 1) L / S)) in bin i, which for L <= S is one or two rows.
+    L = 0 (absent) gets bins [0, 0], masked to zeros by :func:`expand_batch`.
+    """
+    length = torch.arange(steps + 1)[:, None]
+    i = torch.arange(steps)[None, :]
+    first = (i * length) // steps
+    last = -((-(i + 1) * length) // steps) - 1  # ceil division, minus one
+    return torch.stack([first, last.clamp(min=first)])
+
+
+#: The constant table behind :func:`expand_batch` (on the CPU; copies per device are cached).
+POOL_BINS = _pool_bins()
+_BINS_ON: dict[torch.device, torch.Tensor] = {}
+
+
+def _bins_on(device: torch.device) -> torch.Tensor:
+    table = _BINS_ON.get(device)
+    if table is None:
+        table = _BINS_ON[device] = POOL_BINS.to(device)
+    return table
+
+
+def expand_rows(rows: torch.Tensor, lengths: torch.Tensor, dense: bool | None = None
+                ) -> torch.Tensor:
+    """Returns [B, 128, D] float16 pooled features from one modality's compact rows.
+
+    Bin i of a clip with L stored rows averages its rows a = floor(i L / 128) and
+    b = ceil((i + 1) L / 128) - 1 as ``((rows[a].float() + rows[b].float()) * 0.5).half()``: for
+    L = 128 and one-row bins a == b and this is rows[a] exactly (doubling and halving a float16 in
+    float32 is exact), for two-row bins it is adaptive pooling's float32 sum divided by two, so the
+    result equals ``SplitView.read`` bit for bit. L = 0 gives zeros. Everything is gathered through
+    :data:`POOL_BINS` on ``rows.device``, with no loop over clips.
+
+    Args:
+        rows: [R, D] float16, the stored rows of B clips back to back.
+        lengths: [B] int64 stored rows per clip (on ``rows.device``), summing to R.
+        dense: True computes the formula on every bin (no host synchronisation, for GPUs);
+            False copies one-row bins and averages only the two-row ones (less work on a CPU).
+            None picks False on the CPU, True elsewhere. Both give identical bits.
+
+    Raises:
+        ValueError: on the CPU, ``lengths`` do not sum to the number of rows or exceed 128.
+    """
+    device = rows.device
+    batch, dim = lengths.shape[0], rows.shape[1]
+    lengths = lengths.to(device=device, dtype=torch.int64)
+    if device.type == "cpu" and (int(lengths.sum()) != rows.shape[0]
+                                 or (batch and int(lengths.max()) > STEPS)):
+        raise ValueError(f"compact batch: lengths {lengths.tolist()} (each at most {STEPS}) must "
+                         f"sum to the {rows.shape[0]} rows given")
+    if rows.shape[0] == 0:
+        return torch.zeros(batch, STEPS, dim, dtype=torch.float16, device=device)
+    if dense is None:
+        dense = device.type != "cpu"
+    bins = _bins_on(device)
+    offsets = (torch.cumsum(lengths, 0) - lengths)[:, None]
+    limit = rows.shape[0] - 1  # absent clips at the end point one past the last row
+    first = (offsets + bins[0][lengths]).clamp_(max=limit).view(-1)
+    if dense:
+        last = (offsets + bins[1][lengths]).clamp_(max=limit).view(-1)
+        acc = rows.index_select(0, first).float()
+        acc += rows.index_select(0, last)
+        out = acc.mul_(0.5).half()
+    else:
+        out = _host_empty((first.shape[0], dim), rows.dtype) if device.type == "cpu" else None
+        out = torch.index_select(rows, 0, first, out=out)
+        two = (bins[1] > bins[0])[lengths].view(-1).nonzero().squeeze(1)
+        if two.numel():
+            pick = first.index_select(0, two)
+            acc = rows.index_select(0, pick).float()
+            acc += rows.index_select(0, pick + 1)
+            out.index_copy_(0, two, acc.mul_(0.5).half())
+    out = out.view(batch, STEPS, dim)
+    return out.masked_fill_((lengths == 0)[:, None, None], 0)
+
+
+def expand_batch(batch: Batch) -> Batch:
+    """Returns the batch with compact ``rows``/``lengths`` replaced by pooled ``features``.
+
+    ``features[m]`` is [B, 128, D] float16 on the device of ``rows[m]``, bit for bit what
+    ``SplitView.read`` gives for each clip (zeros for absent clips); ``present``, ``target`` and
+    ``ids`` pass through. A batch without ``rows`` (already expanded) is returned as it is.
+
+    Under a Lightning ``Trainer`` with :class:`EMIDataModule`, ``on_after_batch_transfer`` calls
+    this. A bare PyTorch loop moves the batch to the device first, then calls
+    ``expand_batch(batch)`` (expanding on the device copies less over the bus).
+    """
+    if "rows" not in batch:
+        return batch
+    out: Batch = {"features": {m: expand_rows(r, batch["lengths"][m])
+                               for m, r in batch["rows"].items()}}
+    out.update((k, v) for k, v in batch.items() if k not in ("rows", "lengths"))
+    return out
+
+
 class FeatureDataset(Dataset):
-    """Map-style dataset over one store split; ``__getitems__`` builds a whole batch at once.
+    """Map-style dataset over one store split; ``__getitems__`` builds a compact batch at once.
 
     Args:
         view: the split.
@@ -54,29 +178,36 @@ class FeatureDataset(Dataset):
         self.modalities = list(modalities)
         self.ids = view.ids
         self.labels = None if view.labels is None else torch.from_numpy(view.labels)
-        self.present = {m: torch.from_numpy(view.present(m)) for m in self.modalities}
+        self.stored = {m: view.stored_rows(m) for m in self.modalities}
+        self.present = {m: torch.from_numpy(self.stored[m] > 0) for m in self.modalities}
 
     def __len__(self) -> int:
         return len(self.view)
 
     def __getitems__(self, indices: Sequence[int]) -> Batch:
-        """Returns the batch of clips ``indices`` (one preallocated array per modality)."""
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        features = {}
+        """Returns the compact batch of clips ``indices`` (see the module docstring).
+
+        Each modality's rows go into one preallocated tensor (in shared memory inside a worker),
+        read with one positional read per clip (per run of adjacent clips).
+        """
+        idx = np.asarray(indices, dtype=np.int64)
+        rows, lengths = {}, {}
         for m in self.modalities:
-            out = _empty((len(idx), STEPS, self.view.dims[m]), torch.float16)
-            self.view.read_batch(m, idx.numpy(), out=out.numpy())
-            features[m] = out
-        batch: Batch = {"features": features,
-                        "present": {m: self.present[m][idx] for m in self.modalities},
+            counts = self.stored[m][idx]
+            out = _empty((int(counts.sum()), self.view.dims[m]), torch.float16)
+            self.view.read_rows(m, idx, out=out.numpy())
+            rows[m], lengths[m] = out, torch.from_numpy(counts)
+        tidx = torch.from_numpy(idx)
+        batch: Batch = {"rows": rows, "lengths": lengths,
+                        "present": {m: self.present[m][tidx] for m in self.modalities},
                         "ids": [self.ids[i] for i in idx.tolist()]}
         if self.labels is not None:
-            batch["target"] = self.labels[idx]
+            batch["target"] = self.labels[tidx]
         return batch
 
     def __getitem__(self, i: int) -> Batch:
-        """Returns clip ``i`` as a sample: like a batch without the batch dimension."""
-        batch = self.__getitems__([i])
+        """Returns clip ``i`` as an expanded sample: the contract without the batch dimension."""
+        batch = expand_batch(self.__getitems__([i]))
         sample: Batch = {"features": {m: t[0] for m, t in batch["features"].items()},
                          "present": {m: t[0] for m, t in batch["present"].items()},
                          "ids": batch["ids"][0]}
@@ -222,6 +353,10 @@ class EMIDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Returns the test loader: in order, every clip exactly once across ranks."""
         return self._loader(self.split_names["test"], "test")
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """Returns the batch expanded to the contract with :func:`expand_batch`, on its device."""
+        return expand_batch(batch)
 
     def predict_dataloader(self) -> DataLoader:
         """Returns the prediction loader: in order, every clip exactly once across ranks."""

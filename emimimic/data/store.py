@@ -20,6 +20,12 @@ a clip with T <= 128 is stored raw (T rows, float16) and pooled to 128 steps whe
 the arithmetic of ``adaptive_avg_pool1d`` in float32 and a cast to float16. Either way a read
 equals ``F.adaptive_avg_pool1d(raw.T[None].float(), 128)[0].T.half()`` bit for bit when ``raw`` is
 float16-representable. Absent clips read as zeros and are reported by ``SplitView.present``.
+
+Two ways to read: :meth:`SplitView.read` / :meth:`SplitView.read_batch` give pooled [128, D] rows
+(through the memory map); :meth:`SplitView.read_rows` gives the *stored* rows of several clips back
+to back (one positional read per run of adjacent clips, no pooling), which is what the training
+loader serves; ``emimimic.data.datamodule.expand_batch`` pools those to [128, D] later, on the
+device the model runs on.
 """
 
 from __future__ import annotations
@@ -242,6 +248,7 @@ class SplitView:
         for m, dim in self.dims.items():
             self._index[m] = self._check_index(folder, m, dim)
         self._maps: dict[str, _Mapped] = {}
+        self._files: dict[str, Any] = {}
         self._preloaded: dict[str, np.ndarray] = {}
         self._pid = os.getpid()
 
@@ -273,12 +280,17 @@ class SplitView:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_maps"] = {}  # maps are reopened lazily in the receiving process
+        state["_maps"] = {}  # maps and files are reopened lazily in the receiving process
+        state["_files"] = {}
         return state
 
     def present(self, m: str) -> np.ndarray:
         """Returns a bool [N] array: True where clip i has data for modality ``m``."""
         return self._index[self._modality(m)][:, 1] > 0
+
+    def stored_rows(self, m: str) -> np.ndarray:
+        """Returns the int64 [N] stored row counts of ``m``: 0 absent, else ``min(T, 128)``."""
+        return self._index[self._modality(m)][:, 1].copy()
 
     def raw_lengths(self, m: str) -> np.ndarray:
         """Returns the int64 [N] raw sequence lengths T of modality ``m`` (0 where absent)."""
@@ -293,18 +305,105 @@ class SplitView:
     def _rows(self, m: str) -> tuple[np.ndarray, _Mapped | None]:
         if m in self._preloaded:
             return self._preloaded[m], None
-        if self._pid != os.getpid():  # forked worker: open its own maps
-            self._maps, self._pid = {}, os.getpid()
+        self._check_pid()
         mapped = self._maps.get(m)
         if mapped is None:
             mapped = self._maps[m] = _Mapped(self.root / self.name / f"{m}.f16", self.dims[m])
         return mapped.array, mapped
+
+    def _check_pid(self) -> None:
+        if self._pid != os.getpid():  # forked worker: open its own maps and files
+            self._maps, self._files, self._pid = {}, {}, os.getpid()
+
+    def _file(self, m: str) -> Any:
+        self._check_pid()
+        f = self._files.get(m)
+        if f is None:
+            f = self._files[m] = open(self.root / self.name / f"{m}.f16", "rb",  # noqa: SIM115
+                                      buffering=0)
+        return f
 
     def preload(self, modalities: Sequence[str] | None = None) -> None:
         """Reads the split's stored rows of the given modalities (default all) into RAM."""
         for m in modalities or list(self.dims):
             path = self.root / self.name / f"{self._modality(m)}.f16"
             self._preloaded[m] = np.fromfile(path, dtype=np.float16).reshape(-1, self.dims[m])
+
+    def read_rows(self, m: str, indices: Sequence[int] | np.ndarray,
+                  out: np.ndarray | None = None) -> np.ndarray:
+        """Returns the stored rows of clips ``indices`` of ``m`` back to back, float16 [R, D].
+
+        Clip ``indices[k]`` contributes its ``stored_rows(m)[indices[k]]`` rows (0 when absent,
+        its 128 pooled rows when T > 128, else its T raw rows), in the order of ``indices``; pool
+        them to [128, D] with ``emimimic.data.datamodule.expand_batch``. Clips stored next to each
+        other (consecutive indices) are read as one run. Without preloading, the rows come from
+        the file by positional reads (``os.preadv``), which copy straight from the page cache into
+        ``out``: unlike copying out of the memory map, this maps no pages into the process, so
+        there are no page faults per read and no mapped pages to release.
+
+        Args:
+            m: the modality.
+            indices: clip positions in the split.
+            out: a C-contiguous float16 [R, D] array to fill (R = the rows of ``indices``);
+                None allocates one.
+
+        Raises:
+            StoreError: ``out`` has the wrong shape or dtype, or the file is shorter than its index
+                says (it changed after the store was opened).
+        """
+        index = self._index[self._modality(m)]
+        dim = self.dims[m]
+        sel = index[np.asarray(indices, dtype=np.int64)]
+        sel = sel[sel[:, 1] > 0]
+        total = int(sel[:, 1].sum())
+        if out is None:
+            out = np.empty((total, dim), dtype=np.float16)
+        elif out.shape != (total, dim) or out.dtype != np.float16 or not out.flags.c_contiguous:
+            raise StoreError(f"{self.root / self.name / f'{m}.f16'}: read_rows needs a "
+                             f"C-contiguous float16 [{total}, {dim}] output, got {out.dtype} "
+                             f"{tuple(out.shape)}")
+        if total == 0:
+            return out
+        # merge clips stored back to back (in-order evaluation batches become a single read)
+        starts, counts = sel[:, 0], sel[:, 1]
+        first = np.ones(len(starts), dtype=bool)
+        first[1:] = starts[1:] != starts[:-1] + counts[:-1]
+        run_starts = starts[first].tolist()
+        run_rows = np.add.reduceat(counts, np.flatnonzero(first)).tolist()
+        if m in self._preloaded or not hasattr(os, "preadv"):
+            data, mapped = self._rows(m)
+            pos = 0
+            for start, rows in zip(run_starts, run_rows, strict=True):
+                out[pos:pos + rows] = data[start:start + rows]
+                pos += rows
+            if mapped is not None:
+                mapped.touch(total * dim * 2)
+            return out
+        fd = self._file(m).fileno()
+        row_bytes = dim * 2
+        flat = out.reshape(-1).view(np.uint8)
+        pos = 0
+        for start, rows in zip(run_starts, run_rows, strict=True):
+            nbytes = rows * row_bytes
+            got = os.preadv(fd, [flat[pos:pos + nbytes]], start * row_bytes)
+            if got != nbytes:  # a short read only happens at end of file (or on a signal)
+                got += self._read_rest(m, flat[pos + got:pos + nbytes], start * row_bytes + got)
+            pos += nbytes
+        return out
+
+    def _read_rest(self, m: str, buf: np.ndarray, offset: int) -> int:
+        fd, done = self._file(m).fileno(), 0
+        while done < buf.nbytes:
+            got = os.preadv(fd, [buf[done:]], offset + done)
+            if got == 0:
+                index = self._index[m]
+                row = (offset + done) // (self.dims[m] * 2)
+                clip = self.ids[int(np.searchsorted(index[:, 0] + index[:, 1], row, side="right"))]
+                raise StoreError(f"{self.root / self.name / f'{m}.f16'}: file ends at byte "
+                                 f"{offset + done} inside clip {clip}, whose index entry needs "
+                                 f"{offset + buf.nbytes} bytes; the store changed after opening")
+            done += got
+        return done
 
     def read(self, m: str, i: int) -> np.ndarray:
         """Returns clip ``i``'s modality ``m`` pooled to [128, D] float16 (zeros if absent)."""
