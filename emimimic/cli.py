@@ -1,4 +1,4 @@
-"""``emimimic fit | validate | test | predict``: the LightningCLI over EMIModule and EMIDataModule."""
+"""``emimimic fit | validate | test | predict``: LightningCLI over EMIModule and EMIDataModule."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class EMISaveConfig(SaveConfigCallback):
 
 
 class EMICLI(LightningCLI):
-    """LightningCLI with EMI's callbacks wired in and ``--ckpt_path best`` usable in a fresh process."""
+    """LightningCLI with EMI's callbacks and ``--ckpt_path best`` usable in a fresh process."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.dims", "model.dims", apply_on="instantiate")
@@ -84,6 +84,16 @@ class EMICLI(LightningCLI):
         rank_zero_info(f"--ckpt_path best resolved to {best}")
         config["ckpt_path"] = best
 
+    def before_fit(self) -> None:
+        dirpath = self.config[self.subcommand].checkpoint.dirpath
+        if self.config_init[self.subcommand].get("ckpt_path") is None and _has_checkpoints(dirpath):
+            # A second fit would add versioned files beside the first run's and leave
+            # last.ckpt (and so --ckpt_path best) pointing at a mix of the two runs.
+            raise FileExistsError(
+                f"{dirpath} already holds checkpoints of an earlier fit. Resume it with "
+                "--ckpt_path last, or start a new run with --trainer.default_root_dir NEW_DIR"
+            )
+
     def before_validate(self) -> None:
         self._resolve_best()
 
@@ -92,6 +102,10 @@ class EMICLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._resolve_best()
+
+
+def _has_checkpoints(dirpath: str) -> bool:
+    return os.path.isdir(dirpath) and any(f.endswith(".ckpt") for f in os.listdir(dirpath))
 
 
 def best_checkpoint(dirpath: str) -> str:

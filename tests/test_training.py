@@ -1,4 +1,4 @@
-"""EMIModule under a real Trainer: EMA weights in evaluation, early stopping, and a learning check."""
+"""EMIModule under a real Trainer: EMA weights in evaluation, early stopping, learning."""
 
 from __future__ import annotations
 

@@ -73,7 +73,8 @@ class EMIModule(LightningModule):
         if not dims:
             raise ValueError(
                 "EMIModule needs `dims`, the feature dimension per modality, e.g. "
-                "{'visual': 768, 'audio': 1024, 'text': 4096}; the CLI links it from the data module."
+                "{'visual': 768, 'audio': 1024, 'text': 4096}; "
+                "the CLI links it from the data module."
             )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.targets = list(targets)
