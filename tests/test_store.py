@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -215,3 +216,40 @@ def test_read_rows_checks_its_output_and_the_file(tmp_path: Path) -> None:
     data.write_bytes(data.read_bytes()[:-4])  # the store changes under the open reader
     with pytest.raises(StoreError, match="v.f16: file ends at byte 32 inside clip 00001"):
         view.read_rows("v", [1])
+
+
+def test_byte_ranges_and_prefetch_cover_exactly_the_stored_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(14)
+    raws = [f16_values(rng, (t, 4)) for t in (3, 200, 5)] + [None, f16_values(rng, (2, 4))]
+    view = build(tmp_path / "s", [{"v": r, "w": f16_values(rng, (1, 2))} for r in raws],
+                 {"v": 4, "w": 2}).split("train")
+    # rows: clip 0 [0, 3), 1 [3, 131), 2 [131, 136), 3 absent, 4 [136, 138); 8 bytes a row
+    assert view.byte_ranges("v", [4, 0, 1, 0]) == [(0, 131 * 8), (136 * 8, 2 * 8)]
+    assert view.byte_ranges("v", [2, 3, 4]) == [(131 * 8, 7 * 8)]  # the absent clip spans nothing
+    assert view.byte_ranges("v", [3]) == [] and view.byte_ranges("v", []) == []
+    assert view.byte_ranges("w", [4, 2]) == [(2 * 4, 4), (4 * 4, 4)]
+    calls: list[tuple[str, int, int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: calls.append(
+        (os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), offset, length, advice)))
+    # "w" has a row for every clip, so clips 3 and 4 touch there
+    assert view.prefetch(["v", "w"], [0, 4, 3]) == 3 * 8 + 2 * 8 + 3 * 4
+    will = os.POSIX_FADV_WILLNEED
+    assert calls == [("v.f16", 0, 24, will), ("v.f16", 136 * 8, 16, will),
+                     ("w.f16", 0, 4, will), ("w.f16", 12, 8, will)]
+    calls.clear()
+    view.preload(["v"])
+    assert view.prefetch(["v"], [0, 1]) == 0 and calls == []  # nothing to fetch from disk
+
+
+def test_view_pickles_without_open_files_after_reads(tmp_path: Path) -> None:
+    rng = np.random.default_rng(15)
+    raws = [f16_values(rng, (t, 3)) for t in (4, 150)]
+    view = build(tmp_path / "s", [{"v": r} for r in raws], {"v": 3}).split("train")
+    before = view.read_rows("v", [1, 0])
+    view.prefetch(["v"], [0, 1])
+    view.read("v", 0)
+    assert view._files and view._maps
+    clone = pickle.loads(pickle.dumps(view))
+    assert clone._files == {} and clone._maps == {}
+    np.testing.assert_array_equal(clone.read_rows("v", [1, 0]), before)

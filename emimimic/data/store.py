@@ -25,7 +25,9 @@ Two ways to read: :meth:`SplitView.read` / :meth:`SplitView.read_batch` give poo
 (through the memory map); :meth:`SplitView.read_rows` gives the *stored* rows of several clips back
 to back (one positional read per run of adjacent clips, no pooling), which is what the training
 loader serves; ``emimimic.data.datamodule.expand_batch`` pools those to [128, D] later, on the
-device the model runs on.
+device the model runs on. :meth:`SplitView.prefetch` asks the kernel to start reading clips' bytes
+into the page cache (``posix_fadvise(WILLNEED)``) without copying them, which is what DataLoader
+workers do ahead of the main process's ``read_rows``.
 """
 
 from __future__ import annotations
@@ -351,11 +353,8 @@ class SplitView:
             StoreError: ``out`` has the wrong shape or dtype, or the file is shorter than its index
                 says (it changed after the store was opened).
         """
-        index = self._index[self._modality(m)]
-        dim = self.dims[m]
-        sel = index[np.asarray(indices, dtype=np.int64)]
-        sel = sel[sel[:, 1] > 0]
-        total = int(sel[:, 1].sum())
+        dim = self.dims[self._modality(m)]
+        run_starts, run_rows, total = self._runs(m, indices)
         if out is None:
             out = np.empty((total, dim), dtype=np.float16)
         elif out.shape != (total, dim) or out.dtype != np.float16 or not out.flags.c_contiguous:
@@ -364,12 +363,6 @@ class SplitView:
                              f"{tuple(out.shape)}")
         if total == 0:
             return out
-        # merge clips stored back to back (in-order evaluation batches become a single read)
-        starts, counts = sel[:, 0], sel[:, 1]
-        first = np.ones(len(starts), dtype=bool)
-        first[1:] = starts[1:] != starts[:-1] + counts[:-1]
-        run_starts = starts[first].tolist()
-        run_rows = np.add.reduceat(counts, np.flatnonzero(first)).tolist()
         if m in self._preloaded or not hasattr(os, "preadv"):
             data, mapped = self._rows(m)
             pos = 0
@@ -390,6 +383,66 @@ class SplitView:
                 got += self._read_rest(m, flat[pos + got:pos + nbytes], start * row_bytes + got)
             pos += nbytes
         return out
+
+    def _runs(self, m: str, indices: Sequence[int] | np.ndarray
+              ) -> tuple[list[int], list[int], int]:
+        """Returns (first row, rows) of each run of clips stored back to back, and all rows.
+
+        Runs follow the order of ``indices``; absent clips are skipped, and consecutive clips
+        stored next to each other merge (an in-order evaluation batch is a single run).
+        """
+        sel = self._index[m][np.asarray(indices, dtype=np.int64)]
+        sel = sel[sel[:, 1] > 0]
+        if len(sel) == 0:
+            return [], [], 0
+        starts, counts = sel[:, 0], sel[:, 1]
+        first = np.ones(len(starts), dtype=bool)
+        first[1:] = starts[1:] != starts[:-1] + counts[:-1]
+        run_rows = np.add.reduceat(counts, np.flatnonzero(first))
+        return starts[first].tolist(), run_rows.tolist(), int(counts.sum())
+
+    def byte_ranges(self, m: str, indices: Sequence[int] | np.ndarray) -> list[tuple[int, int]]:
+        """Returns the (offset, length) byte ranges of ``m.f16`` that clips ``indices`` occupy.
+
+        The ranges are in file order, each stored byte once, with touching ranges merged: what
+        :meth:`prefetch` asks the kernel for (absent clips occupy nothing).
+        """
+        sel = self._index[self._modality(m)][np.unique(np.asarray(indices, dtype=np.int64))]
+        sel = sel[sel[:, 1] > 0]  # unique indices are sorted, and so are their row starts
+        if len(sel) == 0:
+            return []
+        starts, ends = sel[:, 0], sel[:, 0] + sel[:, 1]
+        first = np.ones(len(starts), dtype=bool)
+        first[1:] = starts[1:] != ends[:-1]
+        last = np.ones(len(starts), dtype=bool)
+        last[:-1] = first[1:]
+        row_bytes = self.dims[m] * 2
+        return [(int(a) * row_bytes, int(b - a) * row_bytes)
+                for a, b in zip(starts[first], ends[last], strict=True)]
+
+    def prefetch(self, modalities: Sequence[str], indices: Sequence[int] | np.ndarray) -> int:
+        """Asks the kernel to bring the stored bytes of clips ``indices`` into the page cache.
+
+        One ``posix_fadvise(POSIX_FADV_WILLNEED)`` per range of :meth:`byte_ranges`: the kernel
+        starts reading and returns without waiting or copying anything into this process, so a
+        DataLoader worker can run ahead of the main process's :meth:`read_rows` (which then finds
+        the bytes cached) even when the store is larger than RAM. Preloaded modalities, and
+        systems without ``posix_fadvise``, are skipped. Returns the number of bytes advised.
+        """
+        if not hasattr(os, "posix_fadvise"):
+            return 0
+        advised = 0
+        for m in modalities:
+            if m in self._preloaded:
+                continue
+            ranges = self.byte_ranges(m, indices)
+            if not ranges:
+                continue
+            fd = self._file(m).fileno()
+            for offset, length in ranges:
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+                advised += length
+        return advised
 
     def _read_rest(self, m: str, buf: np.ndarray, offset: int) -> int:
         fd, done = self._file(m).fileno(), 0
