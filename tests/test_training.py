@@ -170,3 +170,23 @@ def test_short_fit_beats_ridge_on_time_averaged_features(quickstart_store):
     ours = trainer.validate(model, datamodule=data, verbose=False)[0]["val/pearson"]
     print(f"demo store, valid mean Pearson: EMIModule {ours:.4f} vs ridge {ridge:.4f}")
     assert ours > ridge
+
+
+def test_bf16_mixed_precision_on_cpu_trains_and_scores_in_float32(demo_store):
+    seed_everything(0)
+    data = EMIDataModule(str(demo_store), batch_size=32)
+    model = EMIModule(dims=data.dims, targets=data.targets, lr=1e-3)
+    kwargs = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+    )
+    trainer = Trainer(max_epochs=2, precision="bf16-mixed", num_sanity_val_steps=0, **kwargs)
+    trainer.fit(model, datamodule=data)
+    mixed = trainer.validate(model, datamodule=data, verbose=False)[0]
+    full = Trainer(precision="32-true", **kwargs).validate(model, datamodule=data, verbose=False)[0]
+    assert np.isfinite(mixed["val/pearson"]) and abs(mixed["val/pearson"]) > 0
+    # bf16 matmuls perturb the predictions slightly; the metric itself runs in float32.
+    assert mixed["val/pearson"] == pytest.approx(full["val/pearson"], abs=0.02)
