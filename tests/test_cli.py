@@ -216,8 +216,6 @@ def test_wandb_offline_twice_in_same_folder(store, tmp_path):
         str(REPO / "configs/logger/wandb.yaml"),
         "--data.store",
         store,
-        "--trainer.default_root_dir",
-        str(tmp_path),
         "--trainer.logger.init_args.save_dir",
         str(tmp_path / "wandb"),
         "--trainer.max_epochs",
@@ -228,8 +226,9 @@ def test_wandb_offline_twice_in_same_folder(store, tmp_path):
         "false",
     ]
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path / "wandb")}
-    _run(*args, env=env)
-    _run(*args, env=env)
+    # Two runs (own checkpoint folders) logging into one W&B folder, as a sweep would.
+    _run(*args, "--trainer.default_root_dir", str(tmp_path / "run1"), env=env)
+    _run(*args, "--trainer.default_root_dir", str(tmp_path / "run2"), env=env)
     configs = list((tmp_path / "wandb" / "configs").glob("*.yaml"))
     assert len(configs) == 2
     runs = list((tmp_path / "wandb").glob("wandb/offline-run-*"))

@@ -65,3 +65,41 @@ def test_wandb_logger_config_instantiates(demo_store, tmp_path, monkeypatch):
         str(tmp_path),
     )
     assert type(cli.trainer.logger).__name__ == "WandbLogger"
+
+
+def test_optimizer_and_scheduler_overridable_from_the_cli(demo_store):
+    cli = _build(
+        [REPO / "configs" / "quickstart.yaml"],
+        demo_store,
+        "--model.optimizer",
+        "torch.optim.SGD",
+        "--model.optimizer.lr",
+        "0.05",
+        "--model.scheduler",
+        "torch.optim.lr_scheduler.StepLR",
+        "--model.scheduler.step_size",
+        "3",
+    )
+    cli.model.trainer = cli.trainer
+    config = cli.model.configure_optimizers()
+    assert type(config["optimizer"]).__name__ == "SGD"
+    assert config["optimizer"].param_groups[0]["lr"] == 0.05
+    assert type(config["lr_scheduler"]["scheduler"]).__name__ == "StepLR"
+
+
+def test_default_optimizer_is_adamw_with_cosine(demo_store):
+    cli = _build(
+        [REPO / "configs" / "paper" / "base.yaml"],
+        demo_store,
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.precision",
+        "32-true",
+    )
+    cli.model.trainer = cli.trainer
+    config = cli.model.configure_optimizers()
+    group = config["optimizer"].param_groups[0]
+    assert type(config["optimizer"]).__name__ == "AdamW"
+    assert (group["lr"], group["weight_decay"]) == (1e-4, 1e-4)
+    scheduler = config["lr_scheduler"]["scheduler"]
+    assert type(scheduler).__name__ == "CosineAnnealingLR" and scheduler.T_max == 30
