@@ -91,6 +91,21 @@ class TemporalEnhancer(nn.Module):
         return out
 
 
+def regression_head(in_dim: int, hidden: int, num_targets: int, dropout: float) -> nn.Sequential:
+    """Returns LayerNorm -> Linear(in, H) -> GELU -> Dropout -> Linear(H, K) -> Sigmoid.
+
+    The shape of both the shared head and every branch's auxiliary regressor.
+    """
+    return nn.Sequential(
+        nn.LayerNorm(in_dim),
+        nn.Linear(in_dim, hidden),
+        nn.GELU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, num_targets),
+        nn.Sigmoid(),
+    )
+
+
 class ModalityBranch(nn.Module):
     """Encodes one modality's ``[B, T, D]`` sequence into an embedding and an auxiliary prediction.
 
@@ -136,14 +151,7 @@ class ModalityBranch(nn.Module):
         self.temporal = TemporalEnhancer(hidden, dropout) if temporal else None
         self.pool = AttentionPooling(hidden) if pooling == "attention" else MeanPooling()
         self.feature = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden))
-        self.aux_head = nn.Sequential(
-            nn.LayerNorm(hidden),
-            nn.Linear(hidden, hidden),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, num_targets),
-            nn.Sigmoid(),
-        )
+        self.aux_head = regression_head(hidden, hidden, num_targets, dropout)
         # Small random init so the missing embedding differs from any all-zero pattern at start.
         self.missing_embedding = nn.Parameter(torch.randn(hidden) * 0.02)
 

@@ -9,7 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from emimimic.constants import MODALITIES
-from emimimic.models.branches import POOLINGS, AudioVADBranch, ModalityBranch
+from emimimic.models.branches import (
+    POOLINGS,
+    AudioVADBranch,
+    ModalityBranch,
+    regression_head,
+)
 
 #: Allowed values of the ``fusion`` argument.
 FUSIONS: tuple[str, ...] = ("concat", "average")
@@ -99,14 +104,7 @@ class EMINetwork(nn.Module):
                 dropout=dropout,
             )
         fused = hidden * len(self.modalities) if fusion == "concat" else hidden
-        self.head = nn.Sequential(
-            nn.LayerNorm(fused),
-            nn.Linear(fused, hidden),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, num_targets),
-            nn.Sigmoid(),
-        )
+        self.head = regression_head(fused, hidden, num_targets, dropout)
 
     def forward(
         self, features: Mapping[str, Tensor], present: Mapping[str, Tensor] | None = None
