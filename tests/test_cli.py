@@ -264,3 +264,23 @@ def test_second_fit_refuses_then_resumes_from_last(store, tmp_path):
     last = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 3
     assert Path(best_checkpoint(str(root / "checkpoints"))).is_file()
+
+
+def test_submission_writer_refuses_duplicated_or_missing_clips(tmp_path):
+    from types import SimpleNamespace
+
+    from emimimic.training import SubmissionWriter
+
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(predict_ids=["00001", "00002"]))
+    writer = SubmissionWriter(path=str(tmp_path / "s.csv"))
+    with pytest.raises(RuntimeError, match="more than once"):
+        writer._write(writer.path, ["Joy"], [("00001", [0.1]), ("00001", [0.2])], trainer)
+    with pytest.raises(RuntimeError, match="no prediction for clips \\['00002'\\]"):
+        writer._write(writer.path, ["Joy"], [("00001", [0.1])], trainer)
+    assert not (tmp_path / "s.csv").exists()
+    writer._write(writer.path, ["Joy"], [("00002", [1.0]), ("00001", [0.25])], trainer)
+    assert (tmp_path / "s.csv").read_text().splitlines() == [
+        "Filename,Joy",
+        "00001,0.250000",
+        "00002,1.000000",
+    ]

@@ -378,6 +378,12 @@ class EMIDataModule(L.LightningDataModule):
         """Returns the number of targets K."""
         return len(self.targets)
 
+    @property
+    def predict_ids(self) -> list[str] | None:
+        """Returns the clip ids of the predict split (None without one): what a submission needs."""
+        split = self.split_names["predict"]
+        return None if split is None else list(self.store.split(split).ids)
+
     def dataset(self, split: str) -> FeatureDataset:
         """Returns the (cached) dataset of a split, preloading it when ``preload`` is set."""
         if split not in self._datasets:
