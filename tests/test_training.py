@@ -190,3 +190,19 @@ def test_bf16_mixed_precision_on_cpu_trains_and_scores_in_float32(demo_store):
     assert np.isfinite(mixed["val/pearson"]) and abs(mixed["val/pearson"]) > 0
     # bf16 matmuls perturb the predictions slightly; the metric itself runs in float32.
     assert mixed["val/pearson"] == pytest.approx(full["val/pearson"], abs=0.02)
+
+
+def test_weights_only_checkpoints_are_refused_with_ema(demo_store, tmp_path):
+    data = EMIDataModule(str(demo_store), batch_size=32)
+    model = EMIModule(dims=data.dims, targets=data.targets)
+    trainer = Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,
+        callbacks=[EMA(), ModelCheckpoint(dirpath=tmp_path, save_weights_only=True)],
+    )
+    with pytest.raises(ValueError, match="save_weights_only"):
+        trainer.fit(model, datamodule=data)
+    assert not list(tmp_path.iterdir())

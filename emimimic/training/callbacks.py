@@ -67,6 +67,14 @@ class EMA(EMAWeightAveraging):
             # the checkpoint's state_dict); an average left over from an earlier fit is stale.
             self._average_model = None
             return
+        for callback in trainer.checkpoint_callbacks:
+            if getattr(callback, "save_weights_only", False):
+                # Lightning skips callbacks' checkpoint hooks for weights-only files, so they
+                # would hold the raw weights while the run selects them by EMA validation.
+                raise ValueError(
+                    "ModelCheckpoint(save_weights_only=True) would save the raw weights, not the "
+                    "EMA weights the run validates; set --checkpoint.save_weights_only false"
+                )
         super().setup(trainer, pl_module, stage)
 
     def on_load_checkpoint(
