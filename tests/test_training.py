@@ -12,6 +12,18 @@ from emimimic.data.datamodule import EMIDataModule
 from emimimic.training import EMA, EMIModule
 
 
+def _trainer(**kwargs) -> Trainer:
+    """A quiet single-process CPU Trainer; ``kwargs`` override or add Trainer arguments."""
+    defaults = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+    )
+    return Trainer(**{**defaults, **kwargs})
+
+
 def _flat(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
 
@@ -55,14 +67,8 @@ def test_evaluation_and_predict_use_ema_weights(demo_store, tmp_path, warmup):
     checkpoint = ModelCheckpoint(
         dirpath=tmp_path, monitor="val/pearson", mode="max", save_last=True
     )
-    trainer = Trainer(
-        max_epochs=3,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-        callbacks=[EMA(decay=decay, warmup=warmup), recorder, checkpoint],
+    trainer = _trainer(
+        max_epochs=3, callbacks=[EMA(decay=decay, warmup=warmup), recorder, checkpoint]
     )
     trainer.fit(model, datamodule=data)
     ema = _reference_ema(recorder.steps, decay, warmup)
@@ -93,16 +99,8 @@ def test_early_stopping_stops(demo_store):
     # lr = 0: the validation score cannot improve, so patience runs out.
     model = EMIModule(dims=data.dims, targets=data.targets, lr=0.0)
     stopper = EarlyStopping(monitor="val/pearson", mode="max", patience=2)
-    trainer = Trainer(
-        max_epochs=20,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_train_batches=1,
-        use_distributed_sampler=False,
-        callbacks=[stopper],
+    trainer = _trainer(
+        max_epochs=20, enable_checkpointing=False, limit_train_batches=1, callbacks=[stopper]
     )
     trainer.fit(model, datamodule=data)
     assert stopper.stopped_epoch == 2
@@ -156,15 +154,8 @@ def test_short_fit_beats_ridge_on_time_averaged_features(quickstart_store):
     seed_everything(0)
     data = EMIDataModule(quickstart_store, batch_size=32)
     model = EMIModule(dims=data.dims, targets=data.targets, lr=1e-3, corr_warmup_epochs=2)
-    trainer = Trainer(
-        max_epochs=12,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-        callbacks=[EMA(decay=0.999, warmup=True)],
+    trainer = _trainer(
+        max_epochs=12, enable_checkpointing=False, callbacks=[EMA(decay=0.999, warmup=True)]
     )
     trainer.fit(model, datamodule=data)
     ours = trainer.validate(model, datamodule=data, verbose=False)[0]["val/pearson"]
@@ -176,17 +167,10 @@ def test_bf16_mixed_precision_on_cpu_trains_and_scores_in_float32(demo_store):
     seed_everything(0)
     data = EMIDataModule(str(demo_store), batch_size=32)
     model = EMIModule(dims=data.dims, targets=data.targets, lr=1e-3)
-    kwargs = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        use_distributed_sampler=False,
-    )
-    trainer = Trainer(max_epochs=2, precision="bf16-mixed", num_sanity_val_steps=0, **kwargs)
+    trainer = _trainer(max_epochs=2, precision="bf16-mixed", enable_checkpointing=False)
     trainer.fit(model, datamodule=data)
     mixed = trainer.validate(model, datamodule=data, verbose=False)[0]
-    full = Trainer(precision="32-true", **kwargs).validate(model, datamodule=data, verbose=False)[0]
+    full = _trainer(precision="32-true").validate(model, datamodule=data, verbose=False)[0]
     assert np.isfinite(mixed["val/pearson"]) and abs(mixed["val/pearson"]) > 0
     # bf16 matmuls perturb the predictions slightly; the metric itself runs in float32.
     assert mixed["val/pearson"] == pytest.approx(full["val/pearson"], abs=0.02)
@@ -195,13 +179,8 @@ def test_bf16_mixed_precision_on_cpu_trains_and_scores_in_float32(demo_store):
 def test_weights_only_checkpoints_are_refused_with_ema(demo_store, tmp_path):
     data = EMIDataModule(str(demo_store), batch_size=32)
     model = EMIModule(dims=data.dims, targets=data.targets)
-    trainer = Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        use_distributed_sampler=False,
-        callbacks=[EMA(), ModelCheckpoint(dirpath=tmp_path, save_weights_only=True)],
+    trainer = _trainer(
+        max_epochs=1, callbacks=[EMA(), ModelCheckpoint(dirpath=tmp_path, save_weights_only=True)]
     )
     with pytest.raises(ValueError, match="save_weights_only"):
         trainer.fit(model, datamodule=data)
