@@ -1,0 +1,50 @@
+"""Package hygiene: light top-level import, entry points, README commands that CI runs."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_top_level_import_is_light_and_exposes_the_main_classes():
+    code = (
+        "import sys, emimimic; assert 'lightning' not in sys.modules; "
+        "from emimimic import EMIModule, EMIDataModule, FeatureStore, EMINetwork; "
+        "print(EMIModule.__module__, EMIDataModule.__module__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["emimimic.training.module", "emimimic.data.datamodule"]
+
+
+def test_python_dash_m_and_console_script_dispatch_the_same_commands():
+    for cmd in (
+        [sys.executable, "-m", "emimimic"],
+        [str(Path(sys.executable).parent / "emimimic")],
+    ):
+        data = subprocess.run([*cmd, "synth", "--help"], capture_output=True, text=True)
+        assert data.returncode == 0 and "--paper-dims" in data.stdout
+        train = subprocess.run([*cmd, "fit", "--help"], capture_output=True, text=True)
+        assert train.returncode == 0 and "--ema.decay" in train.stdout
+
+
+def test_readme_starts_with_the_demo_job_and_the_tests_which_ci_runs():
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"^```bash\n(.*?)^```$", readme, flags=re.S | re.M)
+    demo, tests = blocks[0], blocks[1]
+    for step in (
+        "pip install torch==2.13.0",
+        "emimimic synth demo/store",
+        "emimimic fit -c configs/quickstart.yaml",
+        "emimimic validate -c configs/quickstart.yaml --ckpt_path best",
+        "emimimic predict -c configs/quickstart.yaml --ckpt_path best",
+    ):
+        assert step in demo, step
+    assert "pytest" in tests
+    # Nothing but a title and one line stand before the first command.
+    assert readme.index("```bash") < 400
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "README.md" in ci and "block1.sh" in ci and "block2.sh" in ci
