@@ -235,6 +235,43 @@ def epoch_report(store_path: Path, workers: int, batch_size: int, epochs: int,
     del loader, dm
 
 
+def drop_page_cache() -> bool:
+    """Empties the kernel's page cache (needs root); returns False where that is not allowed."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError:
+        return False
+    return True
+
+
+def cold_report(store_path: Path, files: list[Path], workers_list: list[int],
+                batch_size: int) -> None:
+    """One epoch per loader setting, and one sequential read, each from an empty page cache:
+    the case of a store larger than RAM, where workers' read-ahead should pay off."""
+    if not drop_page_cache():
+        print("cold cache: not measured (dropping the page cache needs root)")
+        return
+    seconds, nbytes = sequential_read(files)
+    print(f"cold cache, sequential read (8 MiB chunks): {nbytes / seconds / 1e9:.2f} GB/s")
+    for workers in workers_list:
+        dm = EMIDataModule(str(store_path), batch_size=batch_size, num_workers=workers,
+                           val_split=None, test_split=None, predict_split=None)
+        loader = dm.train_dataloader()
+        drop_page_cache()
+        clips = served = 0
+        start = time.perf_counter()
+        for plan in loader:
+            batch = dm.read_plan(plan)
+            clips += len(batch["ids"])
+            served += batch_bytes(batch)
+        elapsed = time.perf_counter() - start
+        print(f"cold cache, train loader, num_workers={workers}, shuffled: {clips / elapsed:,.0f} "
+              f"samples/s, {served / elapsed / 1e9:.2f} GB/s "
+              f"= {(served / elapsed) / (nbytes / seconds):.2f}x the cold sequential read")
+        del loader, dm
+
+
 def expand_report(store_path: Path, batch_size: int, batches: int = 8) -> None:
     """Times ``expand_batch`` on the CPU over a few compact batches (the work moved out of the
     loader: on a GPU it runs there after the transfer)."""
@@ -261,6 +298,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per loader")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cold", action="store_true",
+                        help="also time one epoch from an empty page cache (needs root)")
     parser.add_argument("--store", type=Path, default=None,
                         help="use this existing store (its train split) instead of building one")
     args = parser.parse_args()
@@ -298,6 +337,8 @@ def main() -> None:
                          {"A (8 MiB reused buffer)": (seconds, nbytes),
                           "B (batch-sized fresh buffers)": (fresh_seconds, fresh_bytes)})
         expand_report(path, args.batch_size)
+        if args.cold:
+            cold_report(path, files, args.workers, args.batch_size)
     finally:
         shutil.rmtree(tmp)
 
