@@ -35,6 +35,22 @@ def _run(
     return proc
 
 
+def _quickstart(command: str, store: str, root: Path | str, *extra: str) -> list[str]:
+    """Arguments of an `emimimic COMMAND` on the quickstart config, quiet, in run folder `root`."""
+    return [
+        command,
+        "-c",
+        QUICKSTART,
+        "--data.store",
+        store,
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
+
+
 def _metrics(root: Path) -> pd.DataFrame:
     files = sorted(root.glob("logs/version_*/metrics.csv"), key=os.path.getmtime)
     assert files, f"no metrics.csv under {root}"
@@ -49,21 +65,7 @@ def store(demo_store) -> str:
 @pytest.fixture(scope="module")
 def fitted(store, tmp_path_factory):
     root = tmp_path_factory.mktemp("quickstart")
-    cli_main(
-        [
-            "fit",
-            "-c",
-            QUICKSTART,
-            "--data.store",
-            store,
-            "--trainer.default_root_dir",
-            str(root),
-            "--trainer.max_epochs",
-            "3",
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
-    )
+    cli_main(_quickstart("fit", store, root, "--trainer.max_epochs", "3"))
     return root
 
 
@@ -87,19 +89,7 @@ def test_fit_writes_best_and_last_checkpoints(fitted):
 
 def test_validate_best_in_fresh_process_reproduces_fit_score(fitted, store):
     root = fitted
-    _run(
-        "validate",
-        "-c",
-        QUICKSTART,
-        "--data.store",
-        store,
-        "--trainer.default_root_dir",
-        str(root),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--ckpt_path",
-        "best",
-    )
+    _run(*_quickstart("validate", store, root, "--ckpt_path", "best"))
     fit_best = _metrics(root)  # the newest metrics file is the validate run's
     fit_runs = sorted(root.glob("logs/version_*/metrics.csv"), key=os.path.getmtime)
     fit_scores = pd.read_csv(fit_runs[0])["val/pearson"].dropna()
@@ -108,21 +98,9 @@ def test_validate_best_in_fresh_process_reproduces_fit_score(fitted, store):
 
 def test_predict_best_writes_submission_once_per_clip(fitted, store, tmp_path):
     out = tmp_path / "submission.csv"
-    args = [
-        "predict",
-        "-c",
-        QUICKSTART,
-        "--data.store",
-        store,
-        "--trainer.default_root_dir",
-        str(fitted),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--ckpt_path",
-        "best",
-        "--submission.path",
-        str(out),
-    ]
+    args = _quickstart(
+        "predict", store, fitted, "--ckpt_path", "best", "--submission.path", str(out)
+    )
     _run(*args)
     with open(out, newline="") as f:
         rows = list(csv.reader(f))
@@ -237,19 +215,7 @@ def test_wandb_offline_twice_in_same_folder(store, tmp_path):
 
 def test_second_fit_refuses_then_resumes_from_last(store, tmp_path):
     root = tmp_path / "run"
-    args = [
-        "fit",
-        "-c",
-        QUICKSTART,
-        "--data.store",
-        store,
-        "--trainer.default_root_dir",
-        str(root),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.log_every_n_steps",
-        "1",
-    ]
+    args = _quickstart("fit", store, root, "--trainer.log_every_n_steps", "1")
     first = cli_main([*args, "--trainer.max_epochs", "2"]).trainer.global_step
     before = sorted(p.name for p in (root / "checkpoints").iterdir())
     with pytest.raises(FileExistsError, match="--ckpt_path last"):
