@@ -1,38 +1,55 @@
-"""EMIDataModule: plans, compact batches, their expansion to the contract, samplers, targets."""
+"""EMIDataModule: plans, feature batches, preloading (RAM, device), samplers, splits, targets."""
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader
 
-from emimimic.data import expand_batch
+from emimimic.data.batches import BatchPlan, FeatureBatch
 from emimimic.data.datamodule import (
     EMIDataModule,
+    EpochShuffle,
     EvalShardSampler,
     FeatureDataset,
     batch_buffers,
-    expand_rows,
-    is_plan,
-    pass_batch,
 )
-from emimimic.data.store import FeatureStore, StoreError, pool_reference
+from emimimic.data.pooling import windows
+from emimimic.data.store import FeatureStore, StoreError
 from emimimic.data.synth import synth
 
+MODALITIES = ["visual", "audio", "text"]
 
-def collect(loader) -> list[dict]:
-    return list(loader)
+
+def identity(plan: BatchPlan) -> BatchPlan:
+    """Collation: ``FeatureDataset.__getitems__`` already built the plan."""
+    return plan
+
+
+@pytest.fixture
+def reap_workers() -> Iterator[None]:
+    """Shuts down the test's DataLoader workers when it ends, before another test forks more.
+
+    Persistent workers live in a reference cycle; left to a later garbage collection, their
+    shutdown can wait out DataLoader's 5 s join timeout per worker inside an unrelated test.
+    """
+    yield
+    gc.collect()
 
 
 def arrays_in(obj) -> list:
-    """Returns every numpy array and tensor inside a (nested) batch."""
+    """Returns every numpy array and tensor inside a (nested) plan."""
+    if isinstance(obj, BatchPlan):
+        return arrays_in(vars(obj))
     if isinstance(obj, dict):
         return [a for v in obj.values() for a in arrays_in(v)]
     if isinstance(obj, list | tuple):
@@ -40,133 +57,218 @@ def arrays_in(obj) -> list:
     return [obj] if isinstance(obj, np.ndarray | torch.Tensor) else []
 
 
-def check_plan(plan: dict, view, rows: list[int]) -> None:
+def check_plan(plan: BatchPlan, view, rows: list[int]) -> None:
     """Asserts a plan names clips ``rows`` of ``view`` and carries no feature bytes."""
-    assert is_plan(plan) and "rows" not in plan and "features" not in plan
-    assert plan["split"] == view.name and plan["indices"].tolist() == rows
+    assert isinstance(plan, BatchPlan)
+    assert plan.split == view.name and plan.indices.tolist() == rows
+    assert plan.ids == [view.ids[i] for i in rows]
+    for m, lengths in plan.lengths.items():
+        assert lengths.tolist() == view.stored_rows(m)[rows].tolist()
     found = arrays_in(plan)
     assert found and not any(isinstance(a, torch.Tensor) for a in found)
     assert not any(a.dtype == np.float16 for a in found)
-    # indices, lengths, present, target: a few bytes per clip, whatever D is
-    assert sum(a.nbytes for a in found) <= len(rows) * (8 + 9 * len(plan["lengths"]) + 4 * 6)
+    # indices, lengths, target: a few bytes per clip, whatever D is
+    assert sum(a.nbytes for a in found) <= len(rows) * (8 + 8 * len(plan.lengths) + 4 * 6)
     assert len(pickle.dumps(plan)) < 1000 + 150 * len(rows)
 
 
-def check_compact(b: dict, view, rows: list[int], dims: dict[str, int]) -> None:
-    """Asserts a compact batch holds exactly the stored rows of clips ``rows`` of ``view``."""
-    assert "features" not in b
+def check_batch(b: FeatureBatch, view, rows: list[int], dims: dict[str, int]) -> None:
+    """Asserts a batch holds exactly the stored rows, lengths, labels and ids of clips ``rows``."""
+    assert isinstance(b, FeatureBatch) and b.modalities == list(dims)
+    assert b.ids == [view.ids[i] for i in rows] and len(b) == len(rows)
     for m, dim in dims.items():
-        lengths = b["lengths"][m]
+        lengths = b.lengths[m]
         assert lengths.dtype == torch.int64
         assert lengths.tolist() == view.stored_rows(m)[rows].tolist()
-        x = b["rows"][m]
+        assert b.present(m).tolist() == view.present(m)[rows].tolist()
+        x = b.rows[m]
         assert x.dtype == torch.float16 and x.shape == (int(lengths.sum()), dim)
         data = np.fromfile(view.root / view.name / f"{m}.f16", dtype=np.float16).reshape(-1, dim)
         index = np.load(view.root / view.name / f"{m}.index.npy")
         expected = [data[index[i, 0]:index[i, 0] + index[i, 1]] for i in rows]
-        np.testing.assert_array_equal(x.numpy(), np.concatenate(expected))
+        np.testing.assert_array_equal(x.numpy().view(np.uint16),
+                                      np.concatenate(expected).view(np.uint16))
+    if view.labels is None:
+        assert b.target is None
+    else:
+        assert b.target.dtype == torch.float32
+        np.testing.assert_array_equal(b.target.numpy(), view.labels[rows])
+
+
+def check_dense(b: FeatureBatch, view, rows: list[int]) -> None:
+    """Asserts the batch's dense sequences equal the store's pooled reads, bit for bit."""
+    for m in b.modalities:
+        x = b.dense(m)
+        assert x.dtype == torch.float16 and x.shape == (len(rows), 128, view.dims[m])
+        np.testing.assert_array_equal(x.numpy().view(np.uint16),
+                                      view.read_batch(m, rows).view(np.uint16))
+
+
+def same_batch(a: FeatureBatch, b: FeatureBatch) -> None:
+    """Asserts two batches hold the same rows (bit for bit), lengths, targets and ids."""
+    assert a.ids == b.ids and a.modalities == b.modalities
+    for m in a.modalities:
+        assert torch.equal(a.rows[m].view(torch.int16), b.rows[m].view(torch.int16))
+        assert torch.equal(a.lengths[m], b.lengths[m])
+    assert (a.target is None) == (b.target is None)
+    if a.target is not None:
+        assert torch.equal(a.target, b.target)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_validation_batches_follow_the_contract(demo_store: Path, num_workers: int) -> None:
+def test_validation_batches_follow_the_contract(demo_store: Path, num_workers: int,
+                                                reap_workers: None) -> None:
     dm = EMIDataModule(str(demo_store), batch_size=24, num_workers=num_workers)
     dm.setup("fit")
     view = FeatureStore(demo_store).split("valid")
-    plans = collect(dm.val_dataloader())
-    assert [len(b["ids"]) for b in plans] == [24, 24, 16]  # nothing dropped
-    ids = [i for b in plans for i in b["ids"]]
-    assert ids == view.ids
-    start = 0
+    plans = list(dm.val_dataloader())
+    assert [len(p.ids) for p in plans] == [24, 24, 16]  # nothing dropped
+    assert [i for p in plans for i in p.ids] == view.ids
+    start, absent = 0, 0
     for plan in plans:
-        n = len(plan["ids"])
-        rows = list(range(start, start + n))
+        rows = list(range(start, start + len(plan.ids)))
         check_plan(plan, view, rows)
-        # the Trainer's order: on_before_batch_transfer (read), transfer, on_after (expand)
-        b = dm.on_before_batch_transfer(plan, 0)
-        assert set(b["rows"]) == set(b["lengths"]) == set(b["present"]) == {"visual", "audio",
-                                                                            "text"}
-        check_compact(b, view, rows, dm.dims)
-        e = dm.on_after_batch_transfer(b, 0)
-        assert set(e) == {"features", "present", "target", "ids"} and e["ids"] == b["ids"]
-        bare = dm.prepare_batch(plan, "cpu")
-        assert set(bare) == set(e) and bare["ids"] == e["ids"]
-        for m, dim in dm.dims.items():
-            x = e["features"][m]
-            assert x.dtype == torch.float16 and x.shape == (n, 128, dim)
-            np.testing.assert_array_equal(x.numpy().view(np.uint16),
-                                          view.read_batch(m, rows).view(np.uint16))
-            assert torch.equal(bare["features"][m].view(torch.int16), x.view(torch.int16))
-            assert torch.equal(bare["present"][m], e["present"][m])
-            p = e["present"][m]
-            assert p.dtype == torch.bool and p.tolist() == view.present(m)[start:start + n].tolist()
-            assert not x[~p].any() and (b["lengths"][m] > 0).tolist() == p.tolist()
-        assert e["target"].dtype == torch.float32 and e["target"].shape == (n, 6)
-        np.testing.assert_array_equal(e["target"].numpy(), view.labels[start:start + n])
-        assert torch.equal(bare["target"], e["target"])
-        start += n
-    assert any(not b["present"]["text"].all() for b in plans)  # the demo has silent clips
+        b = dm.read(plan)
+        check_batch(b, view, rows, dm.dims)
+        check_dense(b, view, rows)
+        same_batch(dm.prepare_batch(plan, "cpu"), b)
+        absent += int((~b.present("text")).sum())
+        start += len(rows)
+    assert absent  # the demo has silent clips
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_train_loader_shuffles_every_clip_once(demo_store: Path, num_workers: int) -> None:
+def test_train_loader_shuffles_every_clip_once(demo_store: Path, num_workers: int,
+                                               reap_workers: None) -> None:
     dm = EMIDataModule(str(demo_store), batch_size=40, num_workers=num_workers)
     loader = dm.train_dataloader()
-    assert isinstance(loader.sampler, RandomSampler)
-    torch.manual_seed(0)
-    batches = collect(loader)
-    ids = [i for b in batches for i in b["ids"]]
+    assert isinstance(loader.sampler, EpochShuffle)
+    plans = list(loader)
+    ids = [i for p in plans for i in p.ids]
     train = FeatureStore(demo_store).split("train")
     assert sorted(ids) == train.ids and ids != train.ids
-    assert [len(b["ids"]) for b in batches] == [40, 40, 16]
-    lookup = {clip: n for n, clip in enumerate(train.ids)}
-    for plan in batches:
-        order = [lookup[i] for i in plan["ids"]]
+    assert [len(p.ids) for p in plans] == [40, 40, 16]
+    for plan in plans:
+        order = plan.indices.tolist()
         check_plan(plan, train, order)
-        check_compact(dm.read_plan(plan), train, order, dm.dims)
-        e = dm.prepare_batch(plan)
-        np.testing.assert_array_equal(e["target"].numpy(), train.labels[order])
-        for m in dm.dims:
-            assert e["present"][m].tolist() == train.present(m)[order].tolist()
-            for k, i in enumerate(order):
-                np.testing.assert_array_equal(e["features"][m][k].numpy().view(np.uint16),
-                                              train.read(m, i).view(np.uint16))
+        check_batch(dm.read(plan), train, order, dm.dims)
+
+
+def test_shuffled_batch_with_repeats_and_absent_clips_equals_split_reads(
+        demo_store: Path) -> None:
+    data = EMIDataModule(str(demo_store)).dataset("train")
+    silent = np.flatnonzero(~data.view.present("text")).tolist()
+    # shuffled, with a repeat, adjacent clips and clips without text (first, middle and last)
+    order = [silent[0], 95, 3, 40, 3, 0, silent[-1], 77, 12, 50, 1, 2, silent[1]]
+    b = data.read(data.__getitems__(order))
+    check_batch(b, data.view, order, {m: data.view.dims[m] for m in MODALITIES})
+    check_dense(b, data.view, order)
+    assert int((~b.present("text")).sum()) >= 3
+
+
+def test_batches_carry_the_windows_of_their_lengths(demo_store: Path) -> None:
+    dm = EMIDataModule(str(demo_store), batch_size=16)
+    b = dm.read(next(iter(dm.val_dataloader())))
+    for m in dm.dims:
+        expected = windows(b.lengths[m])
+        got = b.window(m)
+        for name in ("first", "last", "absent", "clip", "weight", "step"):
+            assert torch.equal(getattr(got, name), getattr(expected, name)), (m, name)
+    lazy = FeatureBatch(rows=b.rows, lengths=b.lengths, target=b.target, ids=b.ids)
+    assert lazy.windows is None
+    assert torch.equal(lazy.window("text").step, b.window("text").step)
+    assert list(lazy.windows) == ["text"]  # computed when first asked for, then kept
+
+
+def test_on_before_batch_transfer_reads_for_the_trainers_device(demo_store: Path) -> None:
+    dm = EMIDataModule(str(demo_store), batch_size=16)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")),
+                                 world_size=1, global_rank=0)
+    plan = next(iter(dm.val_dataloader()))
+    b = dm.on_before_batch_transfer(plan, 0)
+    view = FeatureStore(demo_store).split("valid")
+    check_batch(b, view, list(range(16)), dm.dims)
+    moved = b.to("cpu")  # what Lightning's transfer calls
+    assert isinstance(moved, FeatureBatch) and moved is not b
+    same_batch(moved, b)
+    assert torch.equal(moved.window("audio").step, b.window("audio").step)
 
 
 def test_predict_on_unlabelled_split_has_no_target(demo_store: Path) -> None:
     dm = EMIDataModule(str(demo_store), batch_size=16)
-    batches = collect(dm.predict_dataloader())
-    assert all("target" not in b for b in batches)
-    assert [i for b in batches for i in b["ids"]] == FeatureStore(demo_store).split("test").ids
+    plans = list(dm.predict_dataloader())
+    assert all(p.target is None and dm.read(p).target is None for p in plans)
+    ids = FeatureStore(demo_store).split("test").ids
+    assert [i for p in plans for i in p.ids] == ids == dm.predict_ids
 
 
 def test_dims_and_targets_known_after_init(demo_store: Path) -> None:
     dm = EMIDataModule(str(demo_store), modalities=["text", "audio"])
     assert dm.dims == {"text": 64, "audio": 48}
     assert dm.targets[4] == "Excitement" and dm.num_targets == 6
-    batch = dm.read_plan(next(iter(dm.val_dataloader())))
-    assert list(batch["rows"]) == list(batch["lengths"]) == ["text", "audio"]
-    assert list(expand_batch(batch)["features"]) == ["text", "audio"]
+    batch = dm.read(next(iter(dm.val_dataloader())))
+    assert batch.modalities == list(batch.lengths) == ["text", "audio"]
 
 
-def test_unknown_split_or_modality_is_a_clear_error(demo_store: Path) -> None:
-    with pytest.raises(StoreError, match=r"split 'dev' not in the store \(it has \['train', "):
-        EMIDataModule(str(demo_store), val_split="dev")
-    with pytest.raises(StoreError, match=r"modalities \['face'\] not in the store"):
-        EMIDataModule(str(demo_store), modalities=["face", "text"])
-    with pytest.raises(StoreError, match="not a feature store"):
+def test_missing_split_is_an_error_when_its_stage_starts(demo_store: Path) -> None:
+    dm = EMIDataModule(str(demo_store), val_split="dev")  # not checked yet
+    message = rf"{demo_store}: split 'dev' not in the store \(it has \['train', 'valid', 'test'\]\)"
+    with pytest.raises(StoreError, match=message):
+        dm.setup("validate")
+    with pytest.raises(StoreError, match=message):
+        dm.val_dataloader()
+    dm.setup("test")  # the test split (valid) exists
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"modalities": ["face", "text"]}, r"modalities \['face'\] not in the store"),
+    ({"preload": "gpu"}, r"preload='gpu'; expected 'none', 'ram' or 'device'"),
+    ({"batch_size": 0}, r"batch_size must be >= 1"),
+])
+def test_bad_arguments_are_clear_errors(demo_store: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(StoreError, match=message):
+        EMIDataModule(str(demo_store), **kwargs)
+
+
+def test_missing_store_is_a_clear_error(demo_store: Path) -> None:
+    with pytest.raises(StoreError, match="feature store does not exist"):
         EMIDataModule(str(demo_store.parent / "nothing"))
 
 
-def test_sample_getitem_matches_the_batch(demo_store: Path) -> None:
-    dm = EMIDataModule(str(demo_store))
-    data = dm.dataset("valid")
+def test_store_without_test_split_fits_with_the_default_predict_split(tmp_path: Path) -> None:
+    store = synth(tmp_path / "s", counts={"train": 12, "valid": 8})
+    dm = EMIDataModule(str(store), batch_size=5)
+    assert dm.split_names["predict"] == "test"
+    dm.setup("fit")
+    train = FeatureStore(store).split("train")
+    plans = list(dm.train_dataloader())
+    assert sorted(i for p in plans for i in p.ids) == train.ids
+    assert sum(len(p.ids) for p in dm.val_dataloader()) == 8
+    with pytest.raises(StoreError, match=r"split 'test' not in the store"):
+        dm.setup("predict")
+
+
+def test_sample_getitem_is_a_one_clip_batch(demo_store: Path) -> None:
+    data = EMIDataModule(str(demo_store)).dataset("valid")
     sample = data[5]
-    plan = data.__getitems__([5])
-    assert sample["ids"] == plan["ids"][0]
-    assert sample["features"]["text"].shape == (128, 64)
-    np.testing.assert_array_equal(sample["features"]["text"].numpy(), data.view.read("text", 5))
-    np.testing.assert_array_equal(sample["target"].numpy(), plan["target"][0])
-    assert sample["target"].dtype == torch.float32
+    check_batch(sample, data.view, [5], {m: data.view.dims[m] for m in MODALITIES})
+    np.testing.assert_array_equal(sample.dense("text")[0].numpy(), data.view.read("text", 5))
+
+
+def test_train_order_is_a_function_of_seed_and_epoch_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    epoch = [0]
+
+    def order(seed: str) -> list[int]:
+        monkeypatch.setenv("PL_GLOBAL_SEED", seed)
+        torch.manual_seed(int(seed) + 99)  # the global generator plays no part
+        return list(EpochShuffle(50, lambda: epoch[0]))
+
+    first = order("7")
+    assert sorted(first) == list(range(50)) and first != list(range(50))
+    assert order("7") == first and order("8") != first
+    epoch[0] = 1
+    assert order("7") != first
 
 
 @pytest.mark.parametrize("size", [0, 1, 10, 11, 64])
@@ -179,34 +281,84 @@ def test_eval_sampler_gives_every_index_exactly_once(size: int, world: int) -> N
 
 def test_samplers_under_ddp(demo_store: Path) -> None:
     dm = EMIDataModule(str(demo_store), batch_size=8)
-    dm.trainer = SimpleNamespace(world_size=3, global_rank=1)
-    train = dm.train_dataloader().sampler
-    assert isinstance(train, DistributedSampler)
-    assert (train.num_replicas, train.rank, train.shuffle, train.drop_last) == (3, 1, True, False)
+    shards = []
+    for rank in range(3):
+        dm.trainer = SimpleNamespace(world_size=3, global_rank=rank, current_epoch=0)
+        train = dm.train_dataloader().sampler
+        assert isinstance(train, EpochShuffle) and (train.num_replicas, train.rank) == (3, rank)
+        shards.append(list(train))
+    assert [len(s) for s in shards] == [32, 32, 32]  # 96 clips, nothing dropped or padded
+    assert sorted(i for s in shards for i in s) == list(range(96))
+    dm.trainer = SimpleNamespace(world_size=3, global_rank=1, current_epoch=0)
     val = dm.val_dataloader()
     assert list(val.sampler) == list(range(1, 64, 3))  # 21 of 64 clips, no padding
-    ids = [i for b in val for i in b["ids"]]
+    ids = [i for p in val for i in p.ids]
     assert ids == FeatureStore(demo_store).split("valid").ids[1::3]
 
 
-def test_preload_serves_the_same_batches(demo_store: Path) -> None:
+def test_preload_ram_serves_the_same_batches(demo_store: Path) -> None:
     plain = EMIDataModule(str(demo_store), batch_size=64)
-    a = plain.read_plan(next(iter(plain.val_dataloader())))
-    dm = EMIDataModule(str(demo_store), batch_size=64, preload=True)
-    b = dm.read_plan(next(iter(dm.val_dataloader())))
-    assert dm.dataset("valid").view._preloaded
-    for m in a["rows"]:
-        assert torch.equal(a["rows"][m], b["rows"][m])
-        assert torch.equal(a["lengths"][m], b["lengths"][m])
+    dm = EMIDataModule(str(demo_store), batch_size=64, preload="ram")
+    plan = next(iter(dm.val_dataloader()))
+    assert set(dm.dataset("valid").view._preloaded) == set(MODALITIES)
+    same_batch(dm.read(plan), plain.read(plan))
+
+
+def test_preload_device_on_the_cpu_equals_the_normal_path(demo_store: Path) -> None:
+    plain = EMIDataModule(str(demo_store), batch_size=24)
+    dm = EMIDataModule(str(demo_store), batch_size=24, preload="device", num_workers=2)
+    assert dm.num_workers == 0 and dm.val_dataloader().num_workers == 0
+    data = plain.dataset("train")
+    silent = np.flatnonzero(~data.view.present("text")).tolist()
+    orders = [[silent[0], 95, 3, 40, 3, 0, silent[-1], 77, 12, 1, 2], [silent[1]], list(range(96))]
+    for order in orders:
+        plan = data.__getitems__(order)
+        got = dm.read(plan, "cpu")
+        same_batch(got, plain.read(plan))
+        for m in MODALITIES:
+            assert torch.equal(got.window(m).step, windows(got.lengths[m]).step)
+        same_batch(dm.prepare_batch(plan, "cpu"), got)
+    assert dm._resident["train"].nbytes() == sum(r.nbytes for r in
+                                                 map(data.view.all_rows, MODALITIES))
+    other = plain.dataset("valid").__getitems__([0, 1])
+    with pytest.raises(StoreError, match=r"split 'valid' cannot be read from split 'train'"):
+        dm.resident("train", torch.device("cpu")).read(other)
+
+
+class BatchRecorder(L.LightningModule):
+    """Records the batches a Trainer hands to ``validation_step``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.batches: list[FeatureBatch] = []
+
+    def validation_step(self, batch: FeatureBatch, batch_idx: int) -> None:
+        self.batches.append(batch)
+
+
+def test_preload_device_under_a_cpu_trainer_equals_the_normal_path(demo_store: Path) -> None:
+    batches = {}
+    for preload in ("none", "device"):
+        dm = EMIDataModule(str(demo_store), batch_size=24, preload=preload)
+        recorder = BatchRecorder()
+        L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, use_distributed_sampler=False
+                  ).validate(recorder, datamodule=dm, verbose=False)
+        batches[preload] = recorder.batches
+        assert bool(dm._resident) == (preload == "device")
+    assert [len(b) for b in batches["device"]] == [24, 24, 16]
+    for a, b in zip(batches["none"], batches["device"], strict=True):
+        same_batch(a, b)
 
 
 @pytest.mark.parametrize("targets", [["Valence"], [f"E{k}" for k in range(7)]])
 def test_other_numbers_of_targets(tmp_path: Path, targets: list[str]) -> None:
     store = synth(tmp_path / "s", counts={"train": 12, "valid": 8}, targets=targets)
-    dm = EMIDataModule(str(store), batch_size=5, predict_split=None)
+    dm = EMIDataModule(str(store), batch_size=5)
     assert dm.num_targets == len(targets) and dm.targets == targets
-    batch = next(iter(dm.train_dataloader()))
-    assert batch["target"].shape == (5, len(targets))
+    batch = dm.read(next(iter(dm.train_dataloader())))
+    assert batch.target.shape == (5, len(targets))
 
 
 def test_text_only_store(tmp_path: Path) -> None:
@@ -214,83 +366,10 @@ def test_text_only_store(tmp_path: Path) -> None:
                   dims={"text": 16})
     dm = EMIDataModule(str(store), batch_size=64)
     assert dm.dims == {"text": 16}
-    batch = next(iter(dm.val_dataloader()))
-    features = dm.prepare_batch(batch)["features"]
-    assert list(features) == ["text"] and features["text"].shape == (20, 128, 16)
+    batch = dm.prepare_batch(next(iter(dm.val_dataloader())))
+    assert batch.modalities == ["text"] and batch.dense("text").shape == (20, 128, 16)
     # text is the only modality here, so synth keeps every clip's text (no clip may be empty)
-    view = FeatureStore(store).split("train")
-    assert view.present("text").all()
-
-
-def f16_rows(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Float16 rows over a wide range of magnitudes and signs, without -0.0 (as stored)."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(shape) * 10.0 ** rng.uniform(-4, 3, size=shape)
-    return torch.from_numpy((x.astype(np.float16).astype(np.float32) + 0.0).astype(np.float16))
-
-
-@pytest.mark.parametrize("dense", [False, True])
-def test_expand_matches_adaptive_pool_for_every_length(dense: bool) -> None:
-    lengths = list(range(1, 129))
-    clips = [f16_rows(n, (n, 12)) for n in lengths]
-    out = expand_rows(torch.cat(clips), torch.tensor(lengths), dense=dense)
-    assert out.dtype == torch.float16 and out.shape == (128, 128, 12)
-    for n, raw in zip(lengths, clips, strict=True):
-        ref = F.adaptive_avg_pool1d(raw.T[None].float(), 128)[0].T.half()
-        np.testing.assert_array_equal(out[n - 1].numpy().view(np.uint16),
-                                      ref.numpy().view(np.uint16), err_msg=f"L={n}")
-
-
-@pytest.mark.parametrize("dense", [False, True])
-def test_expand_puts_zeros_for_absent_clips_anywhere(dense: bool) -> None:
-    lengths = [0, 5, 0, 128, 1, 0]
-    clips = [f16_rows(10 + k, (n, 3)) for k, n in enumerate(lengths)]
-    out = expand_rows(torch.cat(clips), torch.tensor(lengths), dense=dense)
-    for k, n in enumerate(lengths):
-        expected = np.zeros((128, 3), np.float16) if n == 0 else pool_reference(clips[k].numpy())
-        np.testing.assert_array_equal(out[k].numpy().view(np.uint16), expected.view(np.uint16))
-    none = expand_rows(torch.zeros(0, 3, dtype=torch.float16), torch.tensor([0, 0]), dense=dense)
-    assert none.shape == (2, 128, 3) and not none.any()
-
-
-def test_expand_refuses_lengths_that_do_not_fit_the_rows() -> None:
-    with pytest.raises(ValueError, match="must sum to the 7 rows"):
-        expand_rows(torch.zeros(7, 2, dtype=torch.float16), torch.tensor([3, 3]))
-    with pytest.raises(ValueError, match="each at most 128"):
-        expand_rows(torch.zeros(130, 2, dtype=torch.float16), torch.tensor([130]))
-
-
-def test_expand_batch_of_a_shuffled_batch_equals_split_reads(demo_store: Path) -> None:
-    dm = EMIDataModule(str(demo_store))
-    data = dm.dataset("train")
-    silent = np.flatnonzero(~data.view.present("text")).tolist()
-    # shuffled, with a repeat, adjacent clips and clips without text (first, middle and last)
-    order = [silent[0], 95, 3, 40, 3, 0, silent[-1], 77, 12, 50, 1, 2, silent[1]]
-    b = data.read_plan(data.__getitems__(order))
-    check_compact(b, data.view, order, dm.dims)
-    e = expand_batch(b)
-    absent = 0
-    for m in dm.dims:
-        assert e["present"][m].tolist() == data.view.present(m)[order].tolist()
-        for k, i in enumerate(order):
-            np.testing.assert_array_equal(e["features"][m][k].numpy().view(np.uint16),
-                                          data.view.read(m, i).view(np.uint16))
-            absent += not data.view.present(m)[i]
-    assert absent >= 3
-    assert expand_batch(e) is e  # an expanded batch passes through
-
-
-def test_batch_transfer_hooks_give_the_contract(demo_store: Path) -> None:
-    dm = EMIDataModule(str(demo_store), batch_size=16)
-    view = FeatureStore(demo_store).split("valid")
-    compact = dm.on_before_batch_transfer(next(iter(dm.val_dataloader())), 0)
-    assert dm.on_before_batch_transfer(compact, 0) is compact  # only plans are read
-    batch = dm.on_after_batch_transfer(compact, 0)
-    assert set(batch) == {"features", "present", "target", "ids"}
-    for m, dim in dm.dims.items():
-        assert batch["features"][m].shape == (16, 128, dim)
-        np.testing.assert_array_equal(batch["features"][m].numpy(), view.read_batch(m, range(16)))
-        assert torch.equal(batch["present"][m], torch.from_numpy(view.present(m)[:16]))
+    assert FeatureStore(store).split("train").present("text").all()
 
 
 def expected_ranges(view, m: str, indices) -> list[tuple[int, int]]:
@@ -330,7 +409,8 @@ def test_planning_advises_the_kernel_of_the_clips_byte_ranges(
 
 
 def test_workers_prefetch_and_the_main_process_reads(
-        demo_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        demo_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        reap_workers: None) -> None:
     log = tmp_path / "advice.log"
 
     def record(fd: int, offset: int, length: int, advice: int) -> None:
@@ -340,59 +420,64 @@ def test_workers_prefetch_and_the_main_process_reads(
     monkeypatch.setattr(os, "posix_fadvise", record)
     view = FeatureStore(demo_store).split("valid")
     data = FeatureDataset(view, ["visual"])
-    loader = DataLoader(data, batch_size=10, num_workers=2, collate_fn=pass_batch,
+    loader = DataLoader(data, batch_size=10, num_workers=2, collate_fn=identity,
                         multiprocessing_context="fork")
     plans = list(loader)
     lines = [line.split() for line in log.read_text().splitlines()]
-    assert {int(p) for p, *_ in lines} - {os.getpid()} and all(int(p) != os.getpid()
-                                                                for p, *_ in lines)
+    assert lines and all(int(p) != os.getpid() for p, *_ in lines)
     got = sorted((int(o), int(n)) for _, o, n, _ in lines)
     assert got == sorted(r for p in plans
-                         for r in expected_ranges(view, "visual", p["indices"].tolist()))
+                         for r in expected_ranges(view, "visual", p.indices.tolist()))
     assert all(int(a) == os.POSIX_FADV_WILLNEED for *_, a in lines)
     assert not data.view._files  # the main process opened nothing yet: workers only advised
     for plan in plans:
-        check_plan(plan, view, plan["indices"].tolist())
-        b = data.read_plan(plan)
-        check_compact(b, view, plan["indices"].tolist(), {"visual": data.view.dims["visual"]})
+        check_plan(plan, view, plan.indices.tolist())
+        check_batch(data.read(plan), view, plan.indices.tolist(),
+                    {"visual": view.dims["visual"]})
 
 
-def test_datasets_pickle_without_open_files_or_maps(demo_store: Path) -> None:
-    dm = EMIDataModule(str(demo_store), batch_size=8)
-    data = dm.dataset("valid")
+def test_datasets_pickle_without_open_files(demo_store: Path) -> None:
+    data = EMIDataModule(str(demo_store), batch_size=8).dataset("valid")
     data.prefetch = True
-    compact = data.read_plan(data.__getitems__([0, 5, 9]))
-    data.view.read("text", 3)  # memory maps too
-    assert data.view._files and data.view._maps
+    batch = data.read(data.__getitems__([0, 5, 9]))
+    assert data.view._files
     clone = pickle.loads(pickle.dumps(data))
-    assert clone.view._files == {} and clone.view._maps == {}
-    again = clone.read_plan(clone.__getitems__([0, 5, 9]))
-    for m in dm.dims:
-        assert torch.equal(again["rows"][m].view(torch.int16), compact["rows"][m].view(torch.int16))
+    assert clone.view._files == {}
+    same_batch(clone.read(clone.__getitems__([0, 5, 9])), batch)
     assert data.view._files  # the original keeps its own
 
 
-def test_a_plan_is_read_only_by_its_split(demo_store: Path) -> None:
+def test_a_plan_is_read_only_by_its_split_and_modalities(demo_store: Path) -> None:
     dm = EMIDataModule(str(demo_store), batch_size=8, modalities=["text"])
     plan = next(iter(dm.val_dataloader()))
     with pytest.raises(StoreError, match=r"split 'valid' cannot be read from split 'train'"):
-        dm.dataset("train").read_plan(plan)
+        dm.dataset("train").read(plan)
     other = EMIDataModule(str(demo_store), batch_size=8, modalities=["audio"])
     with pytest.raises(StoreError, match=r"the plan holds modalities \['text'\]"):
-        other.dataset("valid").read_plan(plan)
+        other.dataset("valid").read(plan)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinning and transfers need a GPU")
 def test_prepare_batch_pins_and_moves_to_the_gpu(demo_store: Path) -> None:
     dm = EMIDataModule(str(demo_store), batch_size=16, pin_memory=True)
     plan = next(iter(dm.val_dataloader()))
-    assert all(t.is_pinned() for t in dm.read_plan(plan)["rows"].values())
+    assert all(t.is_pinned() for t in dm.read(plan, "cuda").rows.values())
     batch = dm.prepare_batch(plan, "cuda")
     view = FeatureStore(demo_store).split("valid")
     for m in dm.dims:
-        assert batch["features"][m].device.type == "cuda"
-        np.testing.assert_array_equal(batch["features"][m].cpu().numpy(),
+        assert batch.rows[m].device.type == "cuda" and batch.window(m).step.device.type == "cuda"
+        np.testing.assert_array_equal(batch.dense(m).cpu().numpy(),
                                       view.read_batch(m, range(16)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_preload_device_on_the_gpu_equals_the_normal_path(demo_store: Path) -> None:
+    plain = EMIDataModule(str(demo_store), batch_size=24)
+    dm = EMIDataModule(str(demo_store), batch_size=24, preload="device")
+    plan = plain.dataset("train").__getitems__([5, 3, 90, 3, 0])
+    got = dm.read(plan, "cuda")
+    assert all(r.device.type == "cuda" for r in got.rows.values())
+    same_batch(got.to("cpu"), plain.read(plan))
 
 
 def test_batch_buffers_are_disjoint_views_of_one_allocation() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -89,127 +90,120 @@ def pack_error(inputs: dict, dest: Path, **kwargs) -> str:
     return str(info.value)
 
 
-def test_missing_file_is_an_error_by_default(raw_inputs, tmp_path: Path) -> None:
-    inputs = raw_inputs()
-    (Path(inputs["modalities"]["text"]) / "00002.npy").unlink()
-    msg = pack_error(inputs, tmp_path / "store")
-    assert "text/00002.npy" in msg and "clip 00002" in msg and "missing feature file" in msg
-    assert not Path(f"{tmp_path / 'store'}.partial").exists()  # failed before any writing
+def feature(inputs: dict, m: str, clip: int) -> Path:
+    return Path(inputs["modalities"][m]) / f"{clip:05d}.npy"
 
 
-def test_wrong_dim(raw_inputs, tmp_path: Path) -> None:
-    inputs = raw_inputs()
-    bad = Path(inputs["modalities"]["audio"]) / "00003.npy"
-    np.save(bad, np.zeros((5, 11), dtype=np.float32))
-    msg = pack_error(inputs, tmp_path / "store")
-    assert str(bad) in msg and "clip 00003" in msg and "expected D = 12" in msg
+def save(inputs: dict, m: str, clip: int, arr: np.ndarray) -> str:
+    np.save(feature(inputs, m, clip), arr, allow_pickle=arr.dtype == object)
+    return str(feature(inputs, m, clip))
 
 
-def test_wrong_ndim(raw_inputs, tmp_path: Path) -> None:
-    inputs = raw_inputs()
-    bad = Path(inputs["modalities"]["visual"]) / "00004.npy"
-    np.save(bad, np.zeros((2, 5, 8), dtype=np.float32))
-    msg = pack_error(inputs, tmp_path / "store")
-    assert str(bad) in msg and "clip 00004" in msg and "ndim 3" in msg
+def with_value(shape: tuple[int, int], value: float) -> np.ndarray:
+    arr = np.ones(shape, dtype=np.float32)
+    arr[shape[0] // 2, 3] = value
+    return arr
 
 
-def test_empty_array(raw_inputs, tmp_path: Path) -> None:
-    inputs = raw_inputs()
-    bad = Path(inputs["modalities"]["visual"]) / "00001.npy"
-    np.save(bad, np.zeros((0, 8), dtype=np.float32))
-    msg = pack_error(inputs, tmp_path / "store")
-    assert str(bad) in msg and "clip 00001" in msg and "empty array" in msg
+def relabel(inputs: dict, write_csv, split: str, row: int, col: int, value: float) -> None:
+    labels = inputs["labels"][split].copy()
+    labels[row, col] = value
+    first = {"train": 0, "valid": 6}[split]
+    write_csv(Path(inputs["splits"][split]), range(first, first + len(labels)), labels)
 
 
-@pytest.mark.parametrize("value", [np.nan, np.inf])
-def test_nan_or_inf(raw_inputs, tmp_path: Path, value: float) -> None:
-    inputs = raw_inputs()
-    bad = Path(inputs["modalities"]["text"]) / "00007.npy"
-    arr = np.ones((4, 16), dtype=np.float32)
-    arr[2, 3] = value
-    np.save(bad, arr)
-    msg = pack_error(inputs, tmp_path / "store")
-    assert str(bad) in msg and "clip 00007" in msg and "NaN or Inf" in msg
-
-
-def test_label_outside_unit_interval(raw_inputs, split_csv, tmp_path: Path) -> None:
-    inputs = raw_inputs()
-    labels = inputs["labels"]["valid"].copy()
-    labels[1, 4] = 1.5
-    split_csv(Path(inputs["splits"]["valid"]), range(6, 10), labels)
-    msg = pack_error(inputs, tmp_path / "store")
-    assert "valid.csv, line 3, clip 00007, column 'Excitement'" in msg and "outside [0, 1]" in msg
-
-
-def test_missing_label(raw_inputs, tmp_path: Path) -> None:
-    inputs = raw_inputs()
+def drop_last_label(inputs: dict) -> None:
     csv = Path(inputs["splits"]["train"])
     lines = csv.read_text().splitlines()
     lines[2] = lines[2].rsplit(",", 1)[0] + ","  # clip 00001 loses its Joy value
     csv.write_text("\n".join(lines) + "\n")
-    msg = pack_error(inputs, tmp_path / "store")
-    assert "train.csv, line 3, clip 00001, column 'Joy'" in msg and "missing label" in msg
 
 
-def test_nan_label(raw_inputs, split_csv, tmp_path: Path) -> None:
+def both_npy_and_pkl(inputs: dict) -> None:
+    npy = feature(inputs, "audio", 2)
+    npy.with_suffix(".pkl").write_bytes(pickle.dumps(np.load(npy)))
+
+
+def pickled(inputs: dict, m: str, clip: int, obj: object) -> str:
+    feature(inputs, m, clip).unlink()
+    pkl = feature(inputs, m, clip).with_suffix(".pkl")
+    pkl.write_bytes(pickle.dumps(obj))
+    return str(pkl)
+
+
+#: (id, how to break the inputs (given them and the CSV writer; returns the bad file or ""),
+#: pack kwargs, message parts ({file}: the bad file), whether pack fails before writing anything)
+BAD_INPUTS = [
+    ("missing-file", lambda i, csv: feature(i, "text", 2).unlink() or "", {},
+     ["text/00002.npy", "clip 00002", "missing feature file"], True),
+    ("wrong-dim", lambda i, csv: save(i, "audio", 3, np.zeros((5, 11), np.float32)), {},
+     ["{file}", "clip 00003", "expected D = 12"], False),
+    ("wrong-ndim", lambda i, csv: save(i, "visual", 4, np.zeros((2, 5, 8), np.float32)), {},
+     ["{file}", "clip 00004", "ndim 3"], False),
+    ("empty-array", lambda i, csv: save(i, "visual", 1, np.zeros((0, 8), np.float32)), {},
+     ["{file}", "clip 00001", "empty array"], False),
+    ("nan", lambda i, csv: save(i, "text", 7, with_value((4, 16), np.nan)), {},
+     ["{file}", "clip 00007", "NaN or Inf"], False),
+    ("inf", lambda i, csv: save(i, "text", 7, with_value((4, 16), np.inf)), {},
+     ["{file}", "clip 00007", "NaN or Inf"], False),
+    ("beyond-float16", lambda i, csv: save(i, "text", 8, with_value((4, 16), 1e6)), {},
+     ["{file}", "clip 00008", "beyond float16's range"], False),
+    ("object-npy", lambda i, csv: save(i, "audio", 5, np.array([{"x": 1}], dtype=object)), {},
+     ["{file}", "without pickles"], False),
+    ("pickled-list", lambda i, csv: pickled(i, "visual", 2, [1.0, 2.0]), {},
+     ["{file}", "expected a pickled numpy array, got list"], False),
+    ("both-npy-and-pkl", lambda i, csv: both_npy_and_pkl(i), {},
+     ["00002.npy", "00002.pkl", "two feature files for clip 00002"], True),
+    ("label-outside", lambda i, csv: relabel(i, csv, "valid", 1, 4, 1.5), {},
+     ["valid.csv, line 3, clip 00007, column 'Excitement'", "outside [0, 1]"], True),
+    ("missing-label", lambda i, csv: drop_last_label(i), {},
+     ["train.csv, line 3, clip 00001, column 'Joy'", "missing label"], True),
+    ("nan-label", lambda i, csv: relabel(i, csv, "train", 0, 0, np.nan), {},
+     ["clip 00000, column 'Admiration'", "missing label (NaN)"], True),
+    ("wrong-header", lambda i, csv: csv(Path(i["splits"]["train"]), range(6),
+                                         i["labels"]["train"],
+                                         [*EMOTIONS[:3], "Empathic_Pain", *EMOTIONS[4:]]) and "",
+     {}, ["train.csv", "Empathic_Pain", "expected"], True),
+    ("duplicate-in-split", lambda i, csv: csv(Path(i["splits"]["train"]), [0, 1, 2, 3, 1, 5],
+                                               i["labels"]["train"]) and "",
+     {}, ["train.csv, line 6: duplicate clip id 00001 (first on line 3)"], True),
+    ("duplicate-across-splits",
+     lambda i, csv: csv(Path(i["splits"]["test"]), [10, 11, 3], None) and "", {},
+     ["test.csv: clip id 00003 also appears in split 'train'"], True),
+    ("no-features-anywhere",
+     lambda i, csv: csv(Path(i["splits"]["test"]), [10, 11, 12, 99], None) and "",
+     {"missing": "absent"}, ["clip 00099", "test.csv", "no feature file in any modality"], True),
+    ("existing-destination", lambda i, csv: (i["root"].parent / "store").mkdir() or "", {},
+     ["{dest}", "already exists"], True),
+    ("zero-workers", lambda i, csv: "", {"workers": 0}, ["workers=0; expected at least 1"], True),
+    ("bad-missing-policy", lambda i, csv: "", {"missing": "skip"}, ["missing='skip'"], True),
+]
+
+
+@pytest.mark.parametrize(("breaks", "kwargs", "parts", "before_writing"),
+                         [case[1:] for case in BAD_INPUTS], ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_is_one_clear_error(raw_inputs, split_csv, tmp_path: Path, breaks,
+                                      kwargs: dict, parts: list[str],
+                                      before_writing: bool) -> None:
     inputs = raw_inputs()
-    labels = inputs["labels"]["train"].copy()
-    labels[0, 0] = np.nan
-    split_csv(Path(inputs["splits"]["train"]), range(6), labels)
-    msg = pack_error(inputs, tmp_path / "store")
-    assert "clip 00000, column 'Admiration'" in msg and "missing label (NaN)" in msg
+    dest = tmp_path / "store"
+    bad = str(breaks(inputs, split_csv) or "")
+    msg = pack_error(inputs, dest, **kwargs)
+    for part in parts:
+        assert part.format(file=bad, dest=dest) in msg, msg
+    assert Path(f"{dest}.partial").exists() != before_writing
+    assert not dest.exists() or kwargs == {} and "already exists" in msg
 
 
-def test_wrong_header(raw_inputs, split_csv, tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", ["wrong-dim", "nan", "pickled-list"])
+def test_bad_file_read_by_a_worker_is_the_same_clear_error(raw_inputs, split_csv,
+                                                           tmp_path: Path, case: str) -> None:
+    breaks, _, parts, _ = next(c[1:] for c in BAD_INPUTS if c[0] == case)
     inputs = raw_inputs()
-    names = [*EMOTIONS[:3], "Empathic_Pain", *EMOTIONS[4:]]
-    split_csv(Path(inputs["splits"]["train"]), range(6), inputs["labels"]["train"], names)
-    msg = pack_error(inputs, tmp_path / "store")
-    assert "train.csv" in msg and "Empathic_Pain" in msg and "expected" in msg
-
-
-def test_duplicate_id_in_a_split(raw_inputs, split_csv, tmp_path: Path) -> None:
-    inputs = raw_inputs()
-    split_csv(Path(inputs["splits"]["train"]), [0, 1, 2, 3, 1, 5], inputs["labels"]["train"])
-    msg = pack_error(inputs, tmp_path / "store")
-    assert "train.csv, line 6: duplicate clip id 00001 (first on line 3)" in msg
-
-
-def test_duplicate_id_across_splits(raw_inputs, split_csv, tmp_path: Path) -> None:
-    inputs = raw_inputs()
-    split_csv(Path(inputs["splits"]["test"]), [10, 11, 3], None)
-    msg = pack_error(inputs, tmp_path / "store")
-    assert "test.csv: clip id 00003 also appears in split 'train'" in msg
-
-
-def test_id_without_features_in_any_modality(raw_inputs, split_csv, tmp_path: Path) -> None:
-    inputs = raw_inputs()
-    split_csv(Path(inputs["splits"]["test"]), [10, 11, 12, 99], None)
-    msg = pack_error(inputs, tmp_path / "store", missing="absent")
-    assert "clip 00099" in msg and "test.csv" in msg and "no feature file in any modality" in msg
-
-
-def test_existing_destination(raw_inputs, tmp_path: Path) -> None:
-    inputs = raw_inputs()
-    (tmp_path / "store").mkdir()
-    msg = pack_error(inputs, tmp_path / "store")
-    assert str(tmp_path / "store") in msg and "already exists" in msg
-
-
-def test_both_npy_and_pkl_is_ambiguous(raw_inputs, tmp_path: Path) -> None:
-    inputs = raw_inputs()
-    folder = Path(inputs["modalities"]["audio"])
-    (folder / "00002.pkl").write_bytes(pickle.dumps(np.load(folder / "00002.npy")))
-    msg = pack_error(inputs, tmp_path / "store")
-    assert "00002.npy" in msg and "00002.pkl" in msg and "two feature files for clip 00002" in msg
-
-
-def test_npy_holding_objects_is_refused(raw_inputs, tmp_path: Path) -> None:
-    inputs = raw_inputs()
-    bad = Path(inputs["modalities"]["audio"]) / "00005.npy"
-    np.save(bad, np.array([{"x": 1}], dtype=object), allow_pickle=True)
-    msg = pack_error(inputs, tmp_path / "store")
-    assert str(bad) in msg and "without pickles" in msg
+    bad = str(breaks(inputs, split_csv))
+    msg = pack_error(inputs, tmp_path / "store", workers=2)
+    for part in parts:
+        assert part.format(file=bad) in msg, msg
 
 
 def test_csvs_are_validated_before_any_feature_file(raw_inputs, split_csv, tmp_path: Path,
@@ -290,7 +284,7 @@ def test_interrupted_pack_resumes_to_identical_store(raw_inputs, tmp_path: Path,
     partial = Path(f"{dest}.partial")
     assert partial.is_dir() and not dest.exists()
     assert not (partial / "manifest.json").exists()
-    with pytest.raises(StoreError, match="not a feature store"):
+    with pytest.raises(StoreError, match=r"an unfinished build is in .*store\.partial"):
         FeatureStore(dest)
     # a crash between writing data and recording progress leaves bytes past the recorded point
     with open(partial / "valid" / "text.f16", "ab") as f:
@@ -307,6 +301,44 @@ def test_interrupted_pack_resumes_to_identical_store(raw_inputs, tmp_path: Path,
     pack(dest, inputs["splits"], inputs["modalities"], progress=False)
     stems = sorted(set(loaded) - {"00000"})  # 00000 is read once more to learn each dim
     assert stems == [f"{i:05d}" for i in range(8, 13)]  # train and clips 6, 7 were not redone
+    assert files_of(dest) == files_of(reference)
+    assert not partial.exists()
+
+
+def cli_args(inputs: dict, dest: Path) -> list[str]:
+    argv = [str(dest), "--quiet"]
+    for name, path in inputs["splits"].items():
+        argv += ["--split", f"{name}={path}"]
+    for m, path in inputs["modalities"].items():
+        argv += ["--modality", f"{m}={path}"]
+    return argv
+
+
+def test_two_workers_give_a_byte_identical_store(raw_inputs, tmp_path: Path) -> None:
+    inputs = raw_inputs(train=20, valid=9, test=5)
+    one = pack(tmp_path / "one", inputs["splits"], inputs["modalities"], progress=False)
+    commands.pack_main([*cli_args(inputs, tmp_path / "two"), "--workers", "2"])
+    assert files_of(tmp_path / "two") == files_of(one)
+    check_round_trip(FeatureStore(tmp_path / "two"), inputs)
+
+
+def test_interrupted_two_worker_pack_resumes_to_identical_store(raw_inputs, tmp_path: Path) -> None:
+    inputs = raw_inputs(train=20, valid=9, test=5)
+    reference = pack(tmp_path / "reference", inputs["splits"], inputs["modalities"],
+                     progress=False)
+    dest = tmp_path / "store"
+    bad = Path(inputs["modalities"]["audio"]) / "00023.npy"  # valid split, clip 3 of 9
+    good = np.load(bad)
+    np.save(bad, np.full((3, 12), np.nan, dtype=np.float32))
+    with pytest.raises(StoreError, match=r"00023.npy \(clip 00023, modality audio\)"):
+        pack(dest, inputs["splits"], inputs["modalities"], progress=False, workers=2)
+    partial = Path(f"{dest}.partial")
+    # clips read ahead by the workers after the bad one are not written
+    progress = json.loads((partial / "progress.json").read_text())
+    assert {n: s["done"] for n, s in progress["splits"].items()} == {"train": 20, "valid": 3,
+                                                                      "test": 0}
+    np.save(bad, good)
+    pack(dest, inputs["splits"], inputs["modalities"], progress=False, workers=2)
     assert files_of(dest) == files_of(reference)
     assert not partial.exists()
 
@@ -337,18 +369,12 @@ def test_targets_come_from_the_header(raw_inputs, tmp_path: Path, targets: list[
 
 def test_cli_pack_and_info(raw_inputs, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     inputs = raw_inputs()
-    argv = ["pack", str(tmp_path / "store"), "--quiet", "--provenance", "visual_model=test-vit"]
-    for name, path in inputs["splits"].items():
-        argv += ["--split", f"{name}={path}"]
-    for m, path in inputs["modalities"].items():
-        argv += ["--modality", f"{m}={path}"]
-    commands.main(argv)
+    argv = [*cli_args(inputs, tmp_path / "store"), "--provenance", "visual_model=test-vit"]
+    commands.pack_main(argv)
     out = capsys.readouterr().out
     assert "train: 6 clips, labelled" in out and "test: 3 clips, unlabelled" in out
     assert FeatureStore(tmp_path / "store").provenance["visual_model"] == "test-vit"
-    with pytest.raises(SystemExit) as exit_info:
-        commands.main(argv)  # the store exists now
-    assert exit_info.value.code == 2
-    assert "already exists" in capsys.readouterr().err
-    commands.main(["info", str(tmp_path / "store")])
+    with pytest.raises(StoreError, match="already exists"):
+        commands.pack_main(argv)  # the store exists now
+    commands.info_main([str(tmp_path / "store")])
     assert "visual (D=8), audio (D=12), text (D=16)" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Feature store format and reader: exact pooled reads, presence, validation, pickling."""
+"""Feature store format, reader and writer: exact pooled reads, presence, validation, resume."""
 
 from __future__ import annotations
 
@@ -12,8 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from emimimic.data import store as store_mod
-from emimimic.data.store import FeatureStore, SplitPlan, StoreError, StoreWriter, pool_stored
+from emimimic.data.store import (
+    FeatureStore,
+    SplitSpec,
+    StoredClip,
+    StoreError,
+    StoreWriter,
+    prepare_clip,
+)
 
 LENGTHS = (1, 7, 127, 128, 129, 1000)
 
@@ -33,7 +39,7 @@ def build(dest: Path, clips: list[dict[str, np.ndarray | None]], dims: dict[str,
           targets: tuple[str, ...] = ("a", "b")) -> FeatureStore:
     ids = [f"{i:05d}" for i in range(len(clips))]
     labels = np.linspace(0, 1, len(clips) * len(targets)).reshape(len(clips), len(targets))
-    writer = StoreWriter(dest, targets, dims, [SplitPlan("train", ids, labels)], {"test": True})
+    writer = StoreWriter(dest, targets, dims, [SplitSpec("train", ids, labels)], {"test": True})
     for arrays in clips:
         writer.add("train", arrays)
     return FeatureStore(writer.finish())
@@ -51,15 +57,6 @@ def test_read_equals_adaptive_avg_pool_for_short_and_long_clips(tmp_path: Path) 
     batch = view.read_batch("v", [5, 0, 2])
     np.testing.assert_array_equal(batch[0], torch_pool(raws[5]))
     np.testing.assert_array_equal(batch[1], torch_pool(raws[0]))
-
-
-@pytest.mark.parametrize("length", range(1, 129))
-def test_pool_stored_is_bit_exact_for_every_short_length(length: int) -> None:
-    # stored rows never hold -0.0 (the writer normalises it), so neither do these
-    rows = (f16_values(np.random.default_rng(length), (length, 40)) + 0.0).astype(np.float16)
-    out = np.empty((128, 40), dtype=np.float16)
-    pool_stored(rows, out)
-    np.testing.assert_array_equal(out.view(np.uint16), torch_pool(rows).view(np.uint16))
 
 
 def test_negative_zeros_read_like_adaptive_pool(tmp_path: Path) -> None:
@@ -148,29 +145,6 @@ def test_unknown_split_and_modality_name_what_exists(tmp_path: Path) -> None:
         s.split("train").read("text", 0)
 
 
-def test_view_pickles_without_its_memory_maps(tmp_path: Path) -> None:
-    rng = np.random.default_rng(9)
-    raws = [f16_values(rng, (t, 5)) for t in (3, 200)]
-    view = build(tmp_path / "s", [{"v": r} for r in raws], {"v": 5}).split("train")
-    before = view.read("v", 1)
-    assert view._maps  # opened by the read
-    clone = pickle.loads(pickle.dumps(view))
-    assert clone._maps == {}
-    np.testing.assert_array_equal(clone.read("v", 1), before)
-
-
-def test_reads_stay_exact_after_pages_are_released(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_mod, "RELEASE_BYTES", 1)  # release after every read
-    rng = np.random.default_rng(10)
-    raws = [f16_values(rng, (t, 64)) for t in (50, 300, 128)]
-    view = build(tmp_path / "s", [{"v": r} for r in raws], {"v": 64}).split("train")
-    for _ in range(2):
-        for i, raw in enumerate(raws):
-            np.testing.assert_array_equal(view.read("v", i), torch_pool(raw))
-    assert view._maps["v"].touched == 0
-
-
 def test_preload_reads_the_same(tmp_path: Path) -> None:
     rng = np.random.default_rng(11)
     raws = [f16_values(rng, (t, 3)) for t in LENGTHS]
@@ -249,7 +223,98 @@ def test_view_pickles_without_open_files_after_reads(tmp_path: Path) -> None:
     before = view.read_rows("v", [1, 0])
     view.prefetch(["v"], [0, 1])
     view.read("v", 0)
-    assert view._files and view._maps
+    assert view._files  # opened by the reads
     clone = pickle.loads(pickle.dumps(view))
-    assert clone._files == {} and clone._maps == {}
+    assert clone._files == {}
     np.testing.assert_array_equal(clone.read_rows("v", [1, 0]), before)
+    np.testing.assert_array_equal(clone.read("v", 1), view.read("v", 1))
+    assert view._files  # the original keeps its own
+
+
+def test_all_rows_and_row_starts_follow_the_index(tmp_path: Path) -> None:
+    rng = np.random.default_rng(16)
+    raws = [f16_values(rng, (t, 3)) for t in (4, 200)] + [None, f16_values(rng, (2, 3))]
+    view = build(tmp_path / "s", [{"v": r, "w": f16_values(rng, (1, 1))} for r in raws],
+                 {"v": 3, "w": 1}).split("train")
+    data = np.fromfile(tmp_path / "s" / "train" / "v.f16", dtype=np.float16).reshape(-1, 3)
+    np.testing.assert_array_equal(view.all_rows("v"), data)
+    assert view.all_rows("v").shape == (4 + 128 + 2, 3)
+    assert view.row_starts("v").tolist() == [0, 4, 132, 132]
+    for i in (0, 1, 3):
+        start, rows = view.row_starts("v")[i], view.stored_rows("v")[i]
+        np.testing.assert_array_equal(view.all_rows("v")[start:start + rows],
+                                      view.read_rows("v", [i]))
+
+
+def test_missing_store_says_it_does_not_exist_and_how_to_build_one(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match=r"nothing: feature store does not exist; build one"):
+        FeatureStore(tmp_path / "nothing")
+    (tmp_path / "half.partial").mkdir()
+    with pytest.raises(StoreError, match=r"an unfinished build is in .*half\.partial"):
+        FeatureStore(tmp_path / "half")
+
+
+def writer_for(dest: Path, n: int = 3) -> StoreWriter:
+    ids = [f"{i:05d}" for i in range(n)]
+    return StoreWriter(dest, ("a",), {"v": 2, "w": 3},
+                       [SplitSpec("train", ids, np.zeros((n, 1)))], {"test": True})
+
+
+def test_writer_counts_clips_and_refuses_to_finish_early(tmp_path: Path) -> None:
+    writer = writer_for(tmp_path / "s")
+    assert writer.done("train") == 0 and writer.next_clip("train") == "00000"
+    writer.add("train", {"v": np.ones((3, 2)), "w": None})
+    assert writer.done("train") == 1 and writer.next_clip("train") == "00001"
+    with pytest.raises(StoreError, match=r"1 of 3 clips written; cannot finish"):
+        writer.finish()
+    for _ in range(2):
+        writer.add("train", {"v": None, "w": np.ones((1, 3))})
+    with pytest.raises(StoreError, match="all 3 clips already written"):
+        writer.next_clip("train")
+    store = FeatureStore(writer.finish())
+    assert store.manifest["splits"]["train"]["present"] == {"v": 1, "w": 2}
+
+
+def test_invalid_clip_writes_nothing(tmp_path: Path) -> None:
+    writer = writer_for(tmp_path / "s", n=1)
+    with pytest.raises(StoreError, match=r"<generated> \(clip 00000, modality w\): expected D = 3"):
+        writer.add("train", {"v": np.ones((2, 2)), "w": np.ones((2, 4))})
+    with pytest.raises(StoreError, match=r"clip 00000: no features in any modality"):
+        writer.add("train", {"v": None, "w": None})
+    assert writer.done("train") == 0
+    assert (tmp_path / "s.partial" / "train" / "v.f16").stat().st_size == 0
+    writer.add("train", {"v": np.ones((2, 2)), "w": None})
+    view = FeatureStore(writer.finish()).split("train")
+    assert view.stored_rows("v").tolist() == [2] and view.stored_rows("w").tolist() == [0]
+
+
+def test_append_of_prepared_clips_equals_add(tmp_path: Path) -> None:
+    rng = np.random.default_rng(17)
+    clips = [{"v": f16_values(rng, (t, 2)), "w": f16_values(rng, (1, 3))} for t in (5, 300)]
+    clips.append({"v": None, "w": f16_values(rng, (130, 3))})
+    added, appended = writer_for(tmp_path / "a"), writer_for(tmp_path / "b")
+    for arrays in clips:
+        added.add("train", arrays)
+        prepared = prepare_clip(arrays, {"v": 2, "w": 3}, appended.next_clip("train"))
+        assert isinstance(prepared, StoredClip)
+        assert prepared.raw_lengths == {m: 0 if a is None else a.shape[0]
+                                        for m, a in arrays.items()}
+        appended.append("train", prepared)
+    a, b = added.finish(), appended.finish()
+    assert {p.relative_to(a): p.read_bytes() for p in a.rglob("*") if p.is_file()} == \
+        {p.relative_to(b): p.read_bytes() for p in b.rglob("*") if p.is_file()}
+
+
+def test_a_new_writer_continues_where_the_last_stopped(tmp_path: Path) -> None:
+    rng = np.random.default_rng(18)
+    clips = [{"v": f16_values(rng, (t, 2)), "w": None} for t in (3, 200, 1)]
+    first = writer_for(tmp_path / "s")
+    first.add("train", clips[0])
+    first.close()  # interrupted after one clip
+    second = writer_for(tmp_path / "s")
+    assert second.done("train") == 1
+    for arrays in clips[1:]:
+        second.add("train", arrays)
+    view = FeatureStore(second.finish()).split("train")
+    for i, arrays in enumerate(clips):
+        np.testing.assert_array_equal(view.read("v", i), torch_pool(arrays["v"]))

@@ -1,24 +1,24 @@
-"""Feature store (format, reader, writer), packing, synthetic stores and the DataModule.
+"""Data: the feature store, pooling, batch types, the DataModule, pack and synth.
 
 Build stores with :func:`emimimic.data.pack.pack` and :func:`emimimic.data.synth.synth` (the
 submodules keep those names, so they are not re-exported here).
 """
 
-from emimimic.data.datamodule import (
-    EMIDataModule,
-    EvalShardSampler,
-    FeatureDataset,
-    expand_batch,
-)
-from emimimic.data.store import FeatureStore, SplitView, StoreError, pool_reference
+from emimimic.data.batches import BatchPlan, FeatureBatch
+from emimimic.data.datamodule import EMIDataModule, EvalShardSampler, FeatureDataset
+from emimimic.data.pooling import expand_rows, pool_reference, windows
+from emimimic.data.store import FeatureStore, SplitView, StoreError
 
 __all__ = [
+    "BatchPlan",
     "EMIDataModule",
     "EvalShardSampler",
+    "FeatureBatch",
     "FeatureDataset",
     "FeatureStore",
     "SplitView",
     "StoreError",
-    "expand_batch",
+    "expand_rows",
     "pool_reference",
+    "windows",
 ]

@@ -5,16 +5,18 @@ Usage::
     emimimic pack DEST --split train=train_split.csv --split valid=valid_split.csv \\
         --split test=test_ids.csv --modality visual=feat/vit --modality audio=feat/wavlm \\
         --modality text=feat/chatglm3 [--missing error|absent] [--targets emi|header|A,B,...] \\
-        [--provenance KEY=VALUE ...]
+        [--provenance KEY=VALUE ...] [--workers N]
     emimimic synth DEST [--seed 0] [--train 384 --valid 256 --test 128] \\
         [--dims visual=32,audio=48,text=64 | --paper-dims] [--targets A,B,...]
     emimimic info STORE
+
+Errors in the inputs are :class:`~emimimic.data.store.StoreError` s, which ``emimimic`` prints
+as one line.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 from emimimic.constants import EMOTIONS
@@ -54,14 +56,10 @@ def _targets(text: str) -> list[str] | None:
     return [t.strip() for t in text.split(",")]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Returns the argument parser of the data subcommands."""
-    parser = argparse.ArgumentParser(prog="emimimic",
-                                     description="Build and inspect feature stores.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("pack",
-                       help="build a feature store from split CSVs and per-clip feature files")
+def _pack_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="emimimic pack",
+                                description="Build a feature store from split CSVs and per-clip "
+                                            "feature files.")
     p.add_argument("dest",
                    help="store folder to create (an interrupted run resumes from DEST.partial)")
     p.add_argument("--split", action="append", required=True, metavar="NAME=CSV",
@@ -75,9 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "CSV header) or a comma-separated list")
     p.add_argument("--provenance", action="append", default=[], metavar="KEY=VALUE",
                    help="recorded in the manifest, e.g. visual_extractor=ViT-AffectNet; repeat")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes that read and validate feature files (default 1); the store "
+                        "is byte-identical whatever the number")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
 
-    s = sub.add_parser("synth", help="write a SYNTHETIC store (not real data) for demos and tests")
+
+def _synth_parser() -> argparse.ArgumentParser:
+    s = argparse.ArgumentParser(prog="emimimic synth",
+                                description="Write a SYNTHETIC store (not real data) for demos "
+                                            "and tests.")
     s.add_argument("dest", help="store folder to create")
     s.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical store")
     for split, count in DEFAULT_COUNTS.items():
@@ -88,10 +94,35 @@ def build_parser() -> argparse.ArgumentParser:
     dims.add_argument("--paper-dims", action="store_true", help=f"the paper's dims {PAPER_DIMS}")
     s.add_argument("--targets", default="emi", help="'emi' or a comma-separated list of names")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    return s
 
-    i = sub.add_parser("info", help="print a summary of a feature store")
-    i.add_argument("store", help="store folder")
-    return parser
+
+def pack_main(argv: Sequence[str]) -> None:
+    """Runs ``emimimic pack`` and prints a summary of the new store."""
+    args = _pack_parser().parse_args(list(argv))
+    dest = pack(args.dest, _pairs(args.split, "--split"), _pairs(args.modality, "--modality"),
+                missing=args.missing, targets=_targets(args.targets),
+                provenance=_pairs(args.provenance, "--provenance"), progress=not args.quiet,
+                workers=args.workers)
+    print(info(str(dest)))
+
+
+def synth_main(argv: Sequence[str]) -> None:
+    """Runs ``emimimic synth`` and prints a summary of the new store."""
+    args = _synth_parser().parse_args(list(argv))
+    dims = PAPER_DIMS if args.paper_dims else (args.dims or DEMO_DIMS)
+    counts = {split: getattr(args, split) for split in DEFAULT_COUNTS}
+    targets = _targets(args.targets) or list(EMOTIONS)
+    dest = synth(args.dest, seed=args.seed, counts=counts, dims=dims, targets=targets,
+                 progress=not args.quiet)
+    print(info(str(dest)))
+
+
+def info_main(argv: Sequence[str]) -> None:
+    """Runs ``emimimic info STORE``."""
+    p = argparse.ArgumentParser(prog="emimimic info", description="Print a summary of a store.")
+    p.add_argument("store", help="store folder")
+    print(info(p.parse_args(list(argv)).store))
 
 
 def info(path: str) -> str:
@@ -112,31 +143,3 @@ def info(path: str) -> str:
         kind = "labelled" if spec["labelled"] else "unlabelled"
         lines.append(f"split      {name}: {spec['count']} clips, {kind}; present: {present}")
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Runs ``emimimic pack|synth|info`` with ``argv`` (default ``sys.argv[1:]``).
-
-    Store errors are printed as one line and exit with status 2.
-    """
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        if args.command == "pack":
-            dest = pack(args.dest, _pairs(args.split, "--split"),
-                        _pairs(args.modality, "--modality"), missing=args.missing,
-                        targets=_targets(args.targets),
-                        provenance=_pairs(args.provenance, "--provenance"),
-                        progress=not args.quiet)
-            print(info(str(dest)))
-        elif args.command == "synth":
-            dims = PAPER_DIMS if args.paper_dims else (args.dims or DEMO_DIMS)
-            counts = {split: getattr(args, split) for split in DEFAULT_COUNTS}
-            targets = _targets(args.targets) or list(EMOTIONS)
-            dest = synth(args.dest, seed=args.seed, counts=counts, dims=dims, targets=targets,
-                         progress=not args.quiet)
-            print(info(str(dest)))
-        else:
-            print(info(args.store))
-    except StoreError as err:
-        print(f"emimimic {args.command}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None

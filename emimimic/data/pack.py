@@ -12,21 +12,26 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from emimimic.constants import EMOTIONS, ID_COLUMN
 from emimimic.data.safe_pickle import load_pickle
 from emimimic.data.store import (
     FORMAT_VERSION,
-    SplitPlan,
+    SplitSpec,
+    StoredClip,
     StoreError,
     StoreWriter,
     normalise_id,
+    prepare_clip,
 )
 
 #: What ``missing`` may say about a clip whose feature file for a modality does not exist.
@@ -136,7 +141,8 @@ def pack(dest: str | os.PathLike[str], splits: Mapping[str, str | os.PathLike[st
          modalities: Mapping[str, str | os.PathLike[str]], *, missing: str = "error",
          targets: Sequence[str] | None = EMOTIONS,
          dims: Mapping[str, int] | None = None,
-         provenance: Mapping[str, Any] | None = None, progress: bool = True) -> Path:
+         provenance: Mapping[str, Any] | None = None, progress: bool = True,
+         workers: int = 1) -> Path:
     """Builds a feature store at ``dest``; returns its path. Resumes an interrupted run.
 
     Args:
@@ -150,10 +156,14 @@ def pack(dest: str | os.PathLike[str], splits: Mapping[str, str | os.PathLike[st
         dims: expected D per modality; by default taken from the first file found per modality.
         provenance: extra key/values recorded in the manifest (e.g. the feature extractor).
         progress: show a tqdm progress bar.
+        workers: processes that read and validate feature files in parallel (1: this process).
+            The store is byte-identical whatever the number.
 
     Raises:
         StoreError: any invalid input, with a message naming the file, the clip and the rule.
     """
+    if workers < 1:
+        raise StoreError(f"workers={workers}; expected at least 1")
     if missing not in MISSING_POLICIES:
         raise StoreError(f"missing={missing!r}; expected one of {MISSING_POLICIES}")
     if not splits or not modalities:
@@ -162,7 +172,7 @@ def pack(dest: str | os.PathLike[str], splits: Mapping[str, str | os.PathLike[st
     if dest.exists():
         raise StoreError(f"{dest}: destination already exists; choose a new path or remove it")
     # 1. all CSVs, fully, before any feature file
-    plans: list[SplitPlan] = []
+    specs: list[SplitSpec] = []
     owner: dict[str, str] = {}
     for name, csv_path in splits.items():
         ids, labels, names = read_split_csv(csv_path, targets)
@@ -177,7 +187,7 @@ def pack(dest: str | os.PathLike[str], splits: Mapping[str, str | os.PathLike[st
                 raise StoreError(f"{csv_path}: clip id {clip} also appears in split "
                                  f"{owner[clip]!r} ({splits[owner[clip]]})")
             owner[clip] = name
-        plans.append(SplitPlan(name, ids, labels))
+        specs.append(SplitSpec(name, ids, labels))
     if targets is None:
         raise StoreError("no split CSV has label columns, so the targets are unknown; pass them")
     # 2. which feature files exist, and the dims, before reading any of them
@@ -186,45 +196,81 @@ def pack(dest: str | os.PathLike[str], splits: Mapping[str, str | os.PathLike[st
         if not folder.is_dir():
             raise StoreError(f"{folder}: feature folder of modality {m!r} not found")
     files: dict[str, list[dict[str, Path | None]]] = {}
-    for plan in plans:
-        files[plan.name] = []
-        for clip in plan.ids:
+    for spec in specs:
+        files[spec.name] = []
+        for clip in spec.ids:
             found = {m: find_feature_file(folder, clip) for m, folder in folders.items()}
             if all(f is None for f in found.values()):
-                raise StoreError(f"clip {clip} of {splits[plan.name]}: no feature file in any "
+                raise StoreError(f"clip {clip} of {splits[spec.name]}: no feature file in any "
                                  f"modality (looked for {clip}.npy/.pkl in "
                                  f"{[str(f) for f in folders.values()]})")
             if missing == "error":
                 for m, f in found.items():
                     if f is None:
                         raise StoreError(f"{folders[m] / clip}.npy (or .pkl): missing feature file "
-                                         f"of clip {clip} (split {plan.name!r}, modality {m}); "
+                                         f"of clip {clip} (split {spec.name!r}, modality {m}); "
                                          "use --missing absent if the clip has no such data")
-            files[plan.name].append(found)
+            files[spec.name].append(found)
     expected = dict(dims or {})
     for m in folders:
         if m not in expected:
-            first = next((c, f[m]) for p in plans for c, f in zip(p.ids, files[p.name],
+            first = next((c, f[m]) for p in specs for c, f in zip(p.ids, files[p.name],
                                                                    strict=True) if f[m] is not None)
             expected[m] = _feature_dim(first[1], first[0], m)
     record = {"created_by": "emimimic pack", "synthetic": False, "format_version": FORMAT_VERSION,
               "splits": {n: str(p) for n, p in splits.items()},
               "modalities": {m: str(p) for m, p in modalities.items()},
               "missing": missing, **dict(provenance or {})}
-    # 3. features, clip by clip, resumable
-    writer = StoreWriter(dest, targets, expected, plans, record)
+    # 3. features, clip by clip, resumable; workers read and validate, this process writes
+    writer = StoreWriter(dest, targets, expected, specs, record)
+    todo = [(spec.name, spec.ids[n], files[spec.name][n])
+            for spec in specs for n in range(writer.done(spec.name), len(spec.ids))]
+    total = sum(len(s.ids) for s in specs)
     try:
-        total = sum(len(p.ids) for p in plans)
-        already = sum(writer.done(p.name) for p in plans)
-        with tqdm(total=total, initial=already, desc=f"pack {dest.name}", unit="clip",
+        with tqdm(total=total, initial=total - len(todo), desc=f"pack {dest.name}", unit="clip",
                   disable=not progress) as bar:
-            for plan in plans:
-                for n in range(writer.done(plan.name), len(plan.ids)):
-                    found = files[plan.name][n]
-                    arrays = {m: None if f is None else load_feature_file(f)
-                              for m, f in found.items()}
-                    writer.add(plan.name, arrays, {m: str(f) for m, f in found.items()})
-                    bar.update(1)
+            for (split, _, _), clip in _prepared(todo, expected, workers):
+                writer.append(split, clip)
+                bar.update(1)
     finally:
         writer.close()
     return writer.finish()
+
+
+def _load_clip(clip: str, found: Mapping[str, Path | None], dims: Mapping[str, int]
+               ) -> StoredClip:
+    """Reads and validates one clip's feature files (runs in pack's worker processes)."""
+    arrays = {m: None if f is None else load_feature_file(f) for m, f in found.items()}
+    return prepare_clip(arrays, dims, clip, {m: str(f) for m, f in found.items()})
+
+
+def _prepared(todo: list[tuple[str, str, dict[str, Path | None]]], dims: Mapping[str, int],
+              workers: int) -> Iterator[tuple[tuple[str, str, dict[str, Path | None]],
+                                              StoredClip]]:
+    """Yields ``(task, prepared clip)`` in the order of ``todo``, read by ``workers`` processes.
+
+    With ``workers > 1`` at most ``4 * workers`` clips are in flight, so memory stays bounded
+    whatever the number of clips; the order (and so the store's bytes) is that of one worker.
+    """
+    if workers <= 1:
+        for task in todo:
+            yield task, _load_clip(task[1], task[2], dims)
+        return
+    # one intra-op thread per worker: a forked child that inherits the parent's OpenMP pool
+    # (any torch op run before pack) deadlocks in its first pooling of a T > 128 clip
+    with ProcessPoolExecutor(max_workers=workers, initializer=torch.set_num_threads,
+                             initargs=(1,)) as pool:
+        pending: deque = deque()
+        tasks = iter(todo)
+        try:
+            for task in tasks:
+                pending.append((task, pool.submit(_load_clip, task[1], task[2], dict(dims))))
+                if len(pending) >= 4 * workers:
+                    done, future = pending.popleft()
+                    yield done, future.result()
+            while pending:
+                done, future = pending.popleft()
+                yield done, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()

@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from emimimic.constants import EMOTIONS
-from emimimic.data.store import FORMAT_VERSION, SplitPlan, StoreError, StoreWriter
+from emimimic.data.store import FORMAT_VERSION, SplitSpec, StoreError, StoreWriter
 
 #: Small dims for a fast demo, and the paper's (ViT, WavLM-Large, ChatGLM3-6B).
 DEMO_DIMS: dict[str, int] = {"visual": 32, "audio": 48, "text": 64}
@@ -145,7 +145,7 @@ def synth(dest: str | os.PathLike[str], *, seed: int = 0,
         labels = synth_labels(rng, z, targets, ALL_ZERO.get(name))
         ids = [f"{first + i:05d}" for i in range(n)]
         first += n
-        plans.append(SplitPlan(name, ids, None if name == "test" else labels))
+        plans.append(SplitSpec(name, ids, None if name == "test" else labels))
         latents[name] = (z.astype(np.float32), durations(rng, n))
     provenance = {"created_by": "emimimic synth", "synthetic": True,
                   "warning": "SYNTHETIC DATA for demos and tests, NOT Hume-Vidmimic2 features",
