@@ -1,14 +1,45 @@
-"""Tests of the EMI network: shapes, fusion, pooling, VAD latent, missing modalities, size."""
+"""The EMI network: compact path = dense path, one-matmul projector, shapes, fusion, size."""
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from emimimic.constants import MODALITIES, STEPS
-from emimimic.models import AudioVADBranch, EMINetwork, ModalityBranch
+from emimimic.data.batches import FeatureBatch
+from emimimic.data.pooling import pool_reference
+from emimimic.models import (
+    AudioVADBranch,
+    EMINetwork,
+    ModalityBranch,
+    NetworkOptions,
+    norm_linear,
+)
 
 ODD_DIMS = {"visual": 7, "audio": 11, "text": 13}
+VARIANTS = list(itertools.product(("concat", "average"), ("mean", "attention"), (False, True),
+                                  (False, True)))
+VARIANT_IDS = [f"{f}-{p}-{'temporal' if t else 'flat'}-{'vad' if v else 'novad'}"
+               for f, p, t, v in VARIANTS]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Runs these small models on one intra-op thread, restoring the count after.
+
+    The GRU's 512 tiny sequential steps each end in an OpenMP barrier; on a loaded 2-core machine
+    every barrier can wait for a time slice, which made single tests take 10-30 s instead of 1.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def net_of(dims, num_targets=6, **options) -> EMINetwork:
+    return EMINetwork(dims, num_targets=num_targets, options=NetworkOptions(**options))
 
 
 def _batch(dims: dict[str, int], b: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -16,20 +47,12 @@ def _batch(dims: dict[str, int], b: int = 3, seed: int = 0) -> dict[str, torch.T
     return {m: torch.randn(b, STEPS, d, generator=g).half() for m, d in dims.items()}
 
 
-@pytest.mark.parametrize(
-    ("fusion", "temporal", "pooling", "vad"),
-    list(
-        itertools.product(
-            ("concat", "average"), (False, True), ("mean", "attention"), (False, True)
-        )
-    ),
-)
-def test_output_shapes_for_every_configuration(fusion, temporal, pooling, vad):
+@pytest.mark.parametrize(("fusion", "pooling", "temporal", "vad"), VARIANTS, ids=VARIANT_IDS)
+def test_output_shapes_for_every_configuration(fusion, pooling, temporal, vad):
     torch.manual_seed(0)
-    net = EMINetwork(
-        ODD_DIMS, num_targets=5, fusion=fusion, pooling=pooling, temporal=temporal, vad=vad
-    )
-    out = net(_batch(ODD_DIMS))
+    net = net_of(ODD_DIMS, num_targets=5, fusion=fusion, pooling=pooling, temporal=temporal,
+                 vad=vad)
+    out = net.forward_dense(_batch(ODD_DIMS))
     assert out.pred.shape == (3, 5)
     assert out.pred.dtype == torch.float32
     assert set(out.aux) == set(MODALITIES)
@@ -51,8 +74,8 @@ def test_output_shapes_for_every_configuration(fusion, temporal, pooling, vad):
 )
 def test_modality_subsets(mods):
     dims = {m: ODD_DIMS[m] for m in mods}
-    net = EMINetwork(dims, num_targets=6, vad="audio" in mods)
-    out = net(_batch(dims, b=2))
+    net = net_of(dims, vad="audio" in mods)
+    out = net.forward_dense(_batch(dims, b=2))
     assert out.pred.shape == (2, 6)
     assert set(out.aux) == set(mods) == set(out.embeddings)
     assert (out.vad is not None) == ("audio" in mods)
@@ -62,71 +85,71 @@ def test_modality_subsets(mods):
 def test_fusion_follows_fixed_modality_order_and_average():
     dims = {"text": 5, "visual": 9}  # deliberately not in MODALITIES order
     feats = _batch(dims)
-    net = EMINetwork(dims, fusion="concat", vad=False).eval()
+    net = net_of(dims, fusion="concat", vad=False).eval()
     with torch.no_grad():
-        out = net(feats)
+        out = net.forward_dense(feats)
         ref = net.head(torch.cat([out.embeddings["visual"], out.embeddings["text"]], dim=-1))
     assert net.modalities == ("visual", "text")
     torch.testing.assert_close(out.pred, ref)
-    avg = EMINetwork(dims, fusion="average", vad=False).eval()
+    avg = net_of(dims, fusion="average", vad=False).eval()
     with torch.no_grad():
-        out = avg(feats)
+        out = avg.forward_dense(feats)
         ref = avg.head((out.embeddings["visual"] + out.embeddings["text"]) / 2)
     torch.testing.assert_close(out.pred, ref)
 
 
 def test_vad_latent_in_unit_interval_and_feeds_the_sequence():
     torch.manual_seed(1)
-    net = EMINetwork({"audio": 11}, vad=True).eval()
+    net = net_of({"audio": 11}, vad=True).eval()
     feats = {"audio": (torch.randn(4, STEPS, 11) * 100).half()}
-    out = net(feats)
+    out = net.forward_dense(feats)
     assert out.vad.shape == (4, 3)
     assert ((out.vad >= 0) & (out.vad <= 1)).all()
     # The latent must actually condition the sequence: perturbing its fuse weights on the VAD
     # inputs (last three columns) changes the prediction.
     branch = net.branches["audio"]
     with torch.no_grad():
-        before = net(feats).pred.clone()
+        before = net.forward_dense(feats).pred.clone()
         branch.vad_fuse[1].weight[:, -3:] += 1.0
-        after = net(feats).pred
+        after = net.forward_dense(feats).pred
     assert not torch.allclose(before, after)
 
 
 def test_fp16_input_equals_float32_input_and_autocast_works():
-    net = EMINetwork(ODD_DIMS, temporal=True, pooling="attention").eval()
+    net = net_of(ODD_DIMS, temporal=True, pooling="attention").eval()
     feats = _batch(ODD_DIMS)
     with torch.no_grad():
-        half = net(feats).pred
-        full = net({m: x.float() for m, x in feats.items()}).pred
+        half = net.forward_dense(feats).pred
+        full = net.forward_dense({m: x.float() for m, x in feats.items()}).pred
         torch.testing.assert_close(half, full)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            auto = net(feats)
+            auto = net.forward_dense(feats)
     assert torch.isfinite(auto.pred).all()
     torch.testing.assert_close(auto.pred.float(), full, atol=5e-2, rtol=0)
 
 
 def test_missing_modality_uses_learned_embedding_not_zero_rows():
     torch.manual_seed(2)
-    net = EMINetwork(ODD_DIMS, pooling="attention", vad=True).eval()
+    net = net_of(ODD_DIMS, pooling="attention", vad=True).eval()
     feats = _batch(ODD_DIMS, b=3)
     feats["visual"][1] = 0
     feats["audio"][2] = 0
     present = {m: torch.ones(3, dtype=torch.bool) for m in MODALITIES}
     present["visual"][1] = False
     present["audio"][2] = False
-    out = net(feats, present)
+    out = net.forward_dense(feats, present)
     # Garbage in the absent rows must not change anything.
     changed = {m: x.clone() for m, x in feats.items()}
     changed["visual"][1] = torch.randn(STEPS, 7).half() * 5
     changed["audio"][2] = torch.randn(STEPS, 11).half() * 5
-    out2 = net(changed, present)
+    out2 = net.forward_dense(changed, present)
     torch.testing.assert_close(out.pred, out2.pred)
     torch.testing.assert_close(
         out.embeddings["visual"][1], net.branches["visual"].missing_embedding
     )
     torch.testing.assert_close(out.embeddings["audio"][2], net.branches["audio"].missing_embedding)
     # Without the mask the zero rows would be used as real data and give another prediction.
-    unmasked = net(feats)
+    unmasked = net.forward_dense(feats)
     assert not torch.allclose(unmasked.pred[1], out.pred[1])
     # The gradient of the absent clip's prediction reaches the embedding and not the projector.
     out.pred[1].sum().backward()
@@ -155,16 +178,22 @@ def test_attention_pooling_weights_sum_to_one_and_pool():
 
 def test_invalid_configurations_raise_clear_errors():
     with pytest.raises(ValueError, match="audio"):
-        EMINetwork({"text": 8}, vad=True)
+        net_of({"text": 8}, vad=True)
     with pytest.raises(ValueError, match="concat.*average"):
-        EMINetwork({"text": 8}, fusion="sum", vad=False)
+        net_of({"text": 8}, fusion="sum", vad=False)
     with pytest.raises(ValueError, match="mean.*attention"):
-        EMINetwork({"text": 8}, pooling="max", vad=False)
+        net_of({"text": 8}, pooling="max", vad=False)
     with pytest.raises(ValueError, match="depth"):
-        EMINetwork({"depth": 8}, vad=False)
-    net = EMINetwork({"text": 8}, vad=False)
+        net_of({"depth": 8}, vad=False)
+    net = net_of({"text": 8}, vad=False)
     with pytest.raises(ValueError, match=r"'text'.*\[B, T, 8\]"):
-        net({"text": torch.zeros(2, STEPS, 9)})
+        net.forward_dense({"text": torch.zeros(2, STEPS, 9)})
+    rows = torch.zeros(3, 9, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"'text'.*\[R, 8\]"):
+        net(FeatureBatch(rows={"text": rows}, lengths={"text": torch.tensor([3])}, target=None,
+                         ids=["a"]))
+    with pytest.raises(ValueError, match=r"lack modalities \['text'\]"):
+        net(FeatureBatch(rows={}, lengths={}, target=None, ids=["a"]))
 
 
 def _linear(i: int, o: int) -> int:
@@ -178,7 +207,7 @@ def _norm(d: int) -> int:
 def test_parameter_count_of_the_papers_final_model():
     dims = {"visual": 768, "audio": 1024, "text": 4096}
     h, k = 256, 6
-    net = EMINetwork(dims, num_targets=k, fusion="concat", pooling="mean", temporal=False, vad=True)
+    net = net_of(dims, num_targets=k, fusion="concat", pooling="mean", temporal=False, vad=True)
     branch_common = (
         _norm(h)
         + _linear(h, h)  # feature layer
@@ -198,8 +227,8 @@ def test_parameter_count_of_the_papers_final_model():
 
 def test_temporal_block_size_matches_its_layers():
     h = 256
-    plain = EMINetwork({"text": 13}, vad=False, temporal=False)
-    temporal = EMINetwork({"text": 13}, vad=False, temporal=True)
+    plain = net_of({"text": 13}, vad=False, temporal=False)
+    temporal = net_of({"text": 13}, vad=False, temporal=True)
     conv = 2 * (h * h * 3 + h) + _norm(h)
     # Two bidirectional layers of hidden h/2 per direction; both layers see h inputs.
     gru = 2 * 2 * 3 * ((h // 2) * h + (h // 2) * (h // 2) + 2 * (h // 2))
@@ -207,3 +236,188 @@ def test_temporal_block_size_matches_its_layers():
         p.numel() for p in plain.parameters()
     )
     assert extra == conv + gru
+
+
+# --- the compact path (distinct windows) equals the dense path --------------------------------
+
+
+def f16_raw(rng: np.random.Generator, t: int, d: int) -> np.ndarray:
+    """A raw [T, D] float32 clip of float16-representable values (what a store holds)."""
+    return (rng.standard_normal((t, d)) * 2).astype(np.float16).astype(np.float32) + 0.0
+
+
+def clip_lengths(shift: int) -> list[int]:
+    """Raw lengths: every stored length 1..128, lengths > 128 and absent clips, rotated."""
+    lengths = [*range(1, STEPS + 1), 129, 300, 1000, 0, 0]
+    return lengths[shift:] + lengths[:shift]
+
+
+def compact_batch(dims: dict[str, int], seed: int = 0) -> FeatureBatch:
+    """A batch built by hand as the store holds it: raw rows for T <= 128, else 128 pooled rows."""
+    rng = np.random.default_rng(seed)
+    rows, lengths = {}, {}
+    for j, (m, d) in enumerate(dims.items()):
+        stored = []
+        raw_lengths = clip_lengths(37 * j)
+        for t in raw_lengths:
+            if t:
+                raw = f16_raw(rng, t, d)
+                stored.append(raw.astype(np.float16) if t <= STEPS else pool_reference(raw))
+        rows[m] = torch.from_numpy(np.concatenate(stored))
+        lengths[m] = torch.tensor([min(t, STEPS) for t in raw_lengths])
+    b = len(lengths[next(iter(dims))])
+    return FeatureBatch(rows=rows, lengths=lengths, target=torch.rand(b, 6),
+                        ids=[f"{i:05d}" for i in range(b)])
+
+
+def dense_inputs(batch: FeatureBatch) -> tuple[dict, dict]:
+    return ({m: batch.dense(m) for m in batch.modalities},
+            {m: batch.present(m) for m in batch.modalities})
+
+
+def assert_outputs_close(a, b, atol: float = 1e-5) -> None:
+    torch.testing.assert_close(a.pred, b.pred, atol=atol, rtol=0)
+    assert a.aux.keys() == b.aux.keys() == a.embeddings.keys() == b.embeddings.keys()
+    for m in a.aux:
+        torch.testing.assert_close(a.aux[m], b.aux[m], atol=atol, rtol=0)
+        torch.testing.assert_close(a.embeddings[m], b.embeddings[m], atol=atol, rtol=0)
+    assert (a.vad is None) == (b.vad is None)
+    if a.vad is not None:
+        torch.testing.assert_close(a.vad, b.vad, atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def odd_batch() -> FeatureBatch:
+    batch = compact_batch(ODD_DIMS)
+    for m in ODD_DIMS:  # the batch covers what the acceptance test asks for
+        stored = set(batch.lengths[m].tolist())
+        assert stored == set(range(STEPS + 1))
+        assert int((batch.lengths[m] == STEPS).sum()) == 4  # T = 128, 129, 300, 1000
+    return batch
+
+
+@pytest.mark.parametrize(("fusion", "pooling", "temporal", "vad"), VARIANTS, ids=VARIANT_IDS)
+def test_compact_eval_outputs_equal_the_dense_path(odd_batch, fusion, pooling, temporal, vad):
+    torch.manual_seed(0)
+    net = net_of(ODD_DIMS, fusion=fusion, pooling=pooling, temporal=temporal, vad=vad,
+                 hidden=32).eval()
+    with torch.no_grad():
+        compact = net(odd_batch)
+        dense = net.forward_dense(*dense_inputs(odd_batch))
+    assert_outputs_close(compact, dense)
+    absent = ~odd_batch.present("text")
+    torch.testing.assert_close(compact.embeddings["text"][absent],
+                               net.branches["text"].missing_embedding.expand(2, -1))
+
+
+def gradients(net: EMINetwork, out) -> dict[str, torch.Tensor]:
+    net.zero_grad(set_to_none=True)
+    # batch means, as the loss takes them: gradients O(1), so 1e-5 is a tight bound on them
+    loss = out.pred.square().mean() + sum(a.mean() for a in out.aux.values())
+    if out.vad is not None:
+        loss = loss + out.vad.mean()
+    loss.backward()
+    return {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+            for n, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize(("fusion", "pooling", "temporal", "vad"), VARIANTS, ids=VARIANT_IDS)
+def test_compact_training_gradients_equal_the_dense_path(odd_batch, fusion, pooling, temporal,
+                                                         vad):
+    torch.manual_seed(1)
+    net = net_of(ODD_DIMS, fusion=fusion, pooling=pooling, temporal=temporal, vad=vad,
+                 hidden=32).train()
+    features, present = dense_inputs(odd_batch)
+    torch.manual_seed(2)  # the same dropout masks: same calls, same shapes, same order
+    compact = net(odd_batch)
+    got = gradients(net, compact)
+    torch.manual_seed(2)
+    dense = net.forward_dense(features, present)
+    expected = gradients(net, dense)
+    assert_outputs_close(compact, dense)
+    assert any(g.abs().sum() > 0 for n, g in got.items() if "projector" in n)
+    for name, g in expected.items():
+        torch.testing.assert_close(got[name], g, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_different_dropout_masks_give_different_gradients(odd_batch):
+    # the equality above depends on the seed: without it the two paths would differ
+    net = net_of(ODD_DIMS, hidden=32).train()
+    torch.manual_seed(3)
+    a = gradients(net, net(odd_batch))
+    torch.manual_seed(4)
+    b = gradients(net, net(odd_batch))
+    assert not torch.allclose(a["branches.text.projector.1.weight"],
+                              b["branches.text.projector.1.weight"], atol=1e-5)
+
+
+# --- norm_linear: LayerNorm + Linear with a one-matmul backward -------------------------------
+
+
+def projector_layers(d: int, h: int, seed: int) -> tuple[torch.nn.LayerNorm, torch.nn.Linear]:
+    torch.manual_seed(seed)
+    norm, linear = torch.nn.LayerNorm(d), torch.nn.Linear(d, h)
+    with torch.no_grad():  # affine parameters away from their 1 / 0 start
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    return norm, linear
+
+
+def reference_grads(x, norm, linear, gy, dtype=torch.float64):
+    """Autograd's ``linear(norm(x))`` and its parameter gradients, in ``dtype``."""
+    params = [p.detach().to(dtype).requires_grad_() for p in
+              (norm.weight, norm.bias, linear.weight, linear.bias)]
+    y = F.linear(F.layer_norm(x.to(dtype), (x.shape[1],), params[0], params[1], norm.eps),
+                 params[2], params[3])
+    y.backward(gy.to(dtype))
+    return y, [p.grad for p in params]
+
+
+def our_grads(x, norm, linear, gy):
+    for p in (norm.weight, norm.bias, linear.weight, linear.bias):
+        p.grad = None
+    y = norm_linear(x, norm, linear)
+    y.backward(gy.to(y.dtype))
+    return y, [p.grad for p in (norm.weight, norm.bias, linear.weight, linear.bias)]
+
+
+@pytest.mark.parametrize(("rows", "d", "h"), [(1, 3, 2), (7, 5, 4), (300, 64, 32),
+                                              (1000, 513, 256)])
+def test_norm_linear_equals_autograd(rows: int, d: int, h: int) -> None:
+    norm, linear = projector_layers(d, h, seed=rows)
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(rows, d, generator=g) * 3 + 1
+    gy = torch.randn(rows, h, generator=g)
+    y, grads = our_grads(x, norm, linear, gy)
+    ref_y, ref_grads = reference_grads(x, norm, linear, gy)
+    assert y.dtype == torch.float32 and y.shape == (rows, h)
+    scale = max(1.0, rows ** 0.5)  # fp32 sums over rows grow like sqrt(rows)
+    torch.testing.assert_close(y.double(), ref_y, atol=1e-5, rtol=1e-5)
+    for name, got, ref in zip(("norm.weight", "norm.bias", "linear.weight", "linear.bias"),
+                              grads, ref_grads, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), ref, atol=2e-6 * scale, rtol=1e-5, msg=name)
+
+
+def test_norm_linear_under_bf16_autocast_is_within_bf16_tolerance() -> None:
+    norm, linear = projector_layers(256, 64, seed=5)
+    g = torch.Generator().manual_seed(5)
+    x, gy = torch.randn(200, 256, generator=g), torch.randn(200, 64, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, grads = our_grads(x, norm, linear, gy)
+        auto = linear(norm(x))
+    assert y.dtype == auto.dtype == torch.bfloat16
+    ref_y, ref_grads = reference_grads(x, norm, linear, gy)
+    torch.testing.assert_close(y.double(), ref_y, atol=0.05, rtol=0.02)
+    for got, ref in zip(grads, ref_grads, strict=True):
+        assert got.dtype == torch.float32
+        err = (got.double() - ref).norm() / ref.norm()
+        assert err < 0.02, float(err)
+
+
+def test_norm_linear_refuses_an_input_that_requires_grad() -> None:
+    norm, linear = projector_layers(4, 3, seed=0)
+    with pytest.raises(ValueError, match="must not require"):
+        norm_linear(torch.randn(2, 4, requires_grad=True), norm, linear)
+    with pytest.raises(ValueError, match=r"expected x \[R, 4\]"):
+        norm_linear(torch.randn(2, 5), norm, linear)

@@ -1,7 +1,6 @@
-"""Plain ``nn.Module`` networks for EMI estimation (usable without Lightning)."""
+"""Plain ``nn.Module`` networks for EMI estimation (usable without a Trainer)."""
 
 from emimimic.models.branches import (
-    POOLINGS,
     AttentionPooling,
     AudioVADBranch,
     BranchOutput,
@@ -9,11 +8,10 @@ from emimimic.models.branches import (
     ModalityBranch,
     TemporalEnhancer,
 )
-from emimimic.models.network import FUSIONS, EMINetwork, EMIOutput
+from emimimic.models.network import EMINetwork, EMIOutput, NetworkOptions
+from emimimic.models.projector import norm_linear
 
 __all__ = [
-    "FUSIONS",
-    "POOLINGS",
     "AttentionPooling",
     "AudioVADBranch",
     "BranchOutput",
@@ -21,5 +19,7 @@ __all__ = [
     "EMIOutput",
     "MeanPooling",
     "ModalityBranch",
+    "NetworkOptions",
     "TemporalEnhancer",
+    "norm_linear",
 ]

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
-#: Allowed values of the ``pooling`` argument.
-POOLINGS: tuple[str, ...] = ("mean", "attention")
+from emimimic.data.pooling import Windows
+from emimimic.models.projector import norm_linear
+
+#: Pooling over time of every branch: the authors' final run uses the mean.
+Pooling = Literal["mean", "attention"]
 
 
 @dataclass
@@ -107,13 +111,17 @@ def regression_head(in_dim: int, hidden: int, num_targets: int, dropout: float) 
 
 
 class ModalityBranch(nn.Module):
-    """Encodes one modality's ``[B, T, D]`` sequence into an embedding and an auxiliary prediction.
+    """Encodes one modality's clips into an embedding and an auxiliary prediction.
 
     Layers (paper §3): projector LayerNorm(D) -> Linear(D, H) -> GELU -> Dropout per time step;
     optional temporal enhancement; mean or attention pooling over time; feature layer
     LayerNorm -> Linear(H, H) giving ``z_m``; auxiliary regressor
     LayerNorm -> Linear(H, H) -> GELU -> Dropout -> Linear(H, K) -> Sigmoid on ``z_m``.
     Clips marked absent get a learned missing-modality embedding in place of ``z_m``.
+
+    :meth:`forward` takes a batch's stored rows and projects each distinct pooling window once
+    (:mod:`emimimic.data.pooling`), then gathers the 128 projected steps; :meth:`forward_dense`
+    takes ``[B, T, D]`` sequences. Both give the same result for the same clips.
 
     Args:
         in_dim: Feature dimension ``D`` of the modality.
@@ -124,18 +132,11 @@ class ModalityBranch(nn.Module):
         dropout: Dropout probability used throughout the branch.
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        num_targets: int,
-        hidden: int = 256,
-        pooling: str = "mean",
-        temporal: bool = False,
-        dropout: float = 0.2,
-    ) -> None:
+    def __init__(self, in_dim: int, num_targets: int, hidden: int = 256,
+                 pooling: Pooling = "mean", temporal: bool = False, dropout: float = 0.2) -> None:
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if pooling not in get_args(Pooling):
+            raise ValueError(f"pooling must be one of {get_args(Pooling)}, got {pooling!r}")
         if in_dim < 1 or num_targets < 1 or hidden < 1:
             raise ValueError(
                 f"in_dim, num_targets and hidden must be positive, got in_dim={in_dim}, "
@@ -156,20 +157,42 @@ class ModalityBranch(nn.Module):
         self.missing_embedding = nn.Parameter(torch.randn(hidden) * 0.02)
 
     def condition(self, seq: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Returns the projected sequence after any modality-specific pathway, and its latent.
+        """Returns the projected sequence ``[B, T, H]`` after any modality-specific pathway.
 
-        The generic branch has no such pathway; subclasses (the audio VAD branch) override this.
+        The generic branch has none; the audio VAD branch overrides this and
+        :meth:`condition_windows`.
         """
         return seq, None
 
-    def forward(self, x: Tensor, present: Tensor | None = None) -> BranchOutput:
-        """Encodes a batch ``[B, T, D]`` (any float dtype) into a :class:`BranchOutput`.
+    def condition_windows(self, h: Tensor, win: Windows) -> tuple[Tensor, Tensor | None]:
+        """Returns :meth:`condition` applied to per-window projections ``[W, H]`` (eval only)."""
+        return h, None
+
+    def forward(self, rows: Tensor, win: Windows, present: Tensor | None = None) -> BranchOutput:
+        """Encodes a batch from its stored rows.
 
         Args:
-            x: Features ``[B, T, D]``; float16 input is cast to the parameters' dtype.
-            present: Bool ``[B]``; False marks clips without this modality (their rows are
-                ignored and ``z_m`` is the learned missing embedding). ``None`` = all present.
+            rows: Stored rows ``[R, D]`` of the batch's clips back to back (float16 from the
+                store, or any float dtype).
+            win: The batch's pooling windows (:func:`emimimic.data.pooling.windows`).
+            present: Bool ``[B]``; False marks clips without this modality. ``None``: all present.
         """
+        if rows.ndim != 2 or rows.shape[-1] != self.in_dim:
+            raise ValueError(f"expected rows of shape [R, {self.in_dim}], got {tuple(rows.shape)}")
+        norm, linear, act, drop = self.projector
+        x = win.gather(rows).to(linear.weight.dtype)
+        h = act(norm_linear(x, norm, linear))  # each distinct window projected once
+        if self.training or self.temporal is not None or not isinstance(self.pool, MeanPooling):
+            # dropout after the gather, so each step gets its own mask as on a dense input
+            seq, vad = self.condition(drop(h[win.step]))
+            if self.temporal is not None:
+                seq = self.temporal(seq)
+            return self._finish(self.pool(seq), vad, present)
+        h, vad = self.condition_windows(h, win)
+        return self._finish(win.mean(h), vad, present)
+
+    def forward_dense(self, x: Tensor, present: Tensor | None = None) -> BranchOutput:
+        """Encodes a batch of sequences ``[B, T, D]`` (any float dtype, any T)."""
         if x.ndim != 3 or x.shape[-1] != self.in_dim:
             raise ValueError(
                 f"expected features of shape [B, T, {self.in_dim}], got {tuple(x.shape)}"
@@ -179,14 +202,17 @@ class ModalityBranch(nn.Module):
         seq, vad = self.condition(self.projector(x))
         if self.temporal is not None:
             seq = self.temporal(seq)
-        z = self.feature(self.pool(seq))
+        return self._finish(self.pool(seq), vad, present)
+
+    def _finish(self, pooled: Tensor, vad: Tensor | None, present: Tensor | None) -> BranchOutput:
+        z = self.feature(pooled)
         if present is not None:
-            if present.shape != (x.shape[0],):
+            if present.shape != (z.shape[0],):
                 raise ValueError(
-                    f"expected a presence mask of shape [{x.shape[0]}], got {tuple(present.shape)}"
+                    f"expected a presence mask of shape [{z.shape[0]}], got {tuple(present.shape)}"
                 )
             mask = present.to(device=z.device, dtype=torch.bool).unsqueeze(1)
-            # torch.where cuts the gradient to the zero rows of absent clips entirely.
+            # torch.where cuts the gradient to the rows of absent clips entirely.
             z = torch.where(mask, z, self.missing_embedding.to(z.dtype).expand_as(z))
         return BranchOutput(embedding=z, aux=self.aux_head(z), vad=vad)
 
@@ -206,7 +232,7 @@ class AudioVADBranch(ModalityBranch):
         in_dim: int,
         num_targets: int,
         hidden: int = 256,
-        pooling: str = "mean",
+        pooling: Pooling = "mean",
         temporal: bool = False,
         dropout: float = 0.2,
     ) -> None:
@@ -231,3 +257,12 @@ class AudioVADBranch(ModalityBranch):
         vad = self.vad_head(seq.mean(dim=1))
         repeated = vad.to(seq.dtype).unsqueeze(1).expand(-1, seq.shape[1], -1)
         return self.vad_fuse(torch.cat([seq, repeated], dim=-1)), vad
+
+    def condition_windows(self, h: Tensor, win: Windows) -> tuple[Tensor, Tensor | None]:
+        """Returns the VAD-conditioned window projections ``[W, H]`` and ``vad`` ``[B, 3]``.
+
+        The latent comes from the clip's time mean, and the fuse layer acts per step, so in eval
+        mode (no dropout) it can act once per window instead.
+        """
+        vad = self.vad_head(win.mean(h))
+        return self.vad_fuse(torch.cat([h, vad.to(h.dtype)[win.clip]], dim=-1)), vad

@@ -4,20 +4,42 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from emimimic.constants import MODALITIES
+from emimimic.data.batches import FeatureBatch
 from emimimic.models.branches import (
-    POOLINGS,
     AudioVADBranch,
+    BranchOutput,
     ModalityBranch,
+    Pooling,
     regression_head,
 )
 
-#: Allowed values of the ``fusion`` argument.
-FUSIONS: tuple[str, ...] = ("concat", "average")
+
+@dataclass
+class NetworkOptions:
+    """The network's architecture options (``model.network.*`` in the configs).
+
+    Attributes:
+        fusion: ``"concat"`` (the paper's choice) or ``"average"`` of the branch embeddings.
+        pooling: ``"mean"`` (the authors' final run) or ``"attention"`` pooling over time.
+        temporal: add the Conv1d + BiGRU temporal enhancement to every branch (the ablation
+            row that hurts).
+        vad: give the audio branch the VAD-aware latent pathway (needs audio).
+        hidden: width of branches, embeddings and head.
+        dropout: dropout probability everywhere.
+    """
+
+    fusion: Literal["concat", "average"] = "concat"
+    pooling: Pooling = "mean"
+    temporal: bool = False
+    vad: bool = True
+    hidden: int = 256
+    dropout: float = 0.2
 
 
 @dataclass
@@ -50,83 +72,62 @@ class EMINetwork(nn.Module):
         dims: Feature dimension per modality; its keys choose the modalities (any non-empty
             subset of ``MODALITIES``).
         num_targets: Number of regression targets ``K``.
-        fusion: ``"concat"`` or ``"average"``.
-        pooling: ``"mean"`` or ``"attention"`` pooling over time, for every branch.
-        temporal: Whether every branch gets the Conv1d + BiGRU temporal enhancement.
-        vad: Whether the audio branch gets the VAD-aware pathway (needs ``"audio"`` in ``dims``).
-        hidden: Width of branches, embeddings and head.
-        dropout: Dropout probability used throughout.
+        options: Architecture options (default: the paper's final model).
 
     Raises:
         ValueError: On an unknown modality, fusion or pooling, or ``vad=True`` without audio.
     """
 
-    def __init__(
-        self,
-        dims: Mapping[str, int],
-        num_targets: int = 6,
-        fusion: str = "concat",
-        pooling: str = "mean",
-        temporal: bool = False,
-        vad: bool = True,
-        hidden: int = 256,
-        dropout: float = 0.2,
-    ) -> None:
+    def __init__(self, dims: Mapping[str, int], num_targets: int = 6,
+                 options: NetworkOptions | None = None) -> None:
         super().__init__()
+        opts = options or NetworkOptions()
         unknown = sorted(set(dims) - set(MODALITIES))
         if unknown or not dims:
             raise ValueError(
                 f"dims must map a non-empty subset of {MODALITIES} to feature sizes, "
                 f"got keys {sorted(dims)}"
             )
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        if vad and "audio" not in dims:
+        if opts.fusion not in ("concat", "average"):
+            raise ValueError(f"fusion must be one of ('concat', 'average'), got {opts.fusion!r}")
+        if opts.vad and "audio" not in dims:
             raise ValueError(
                 f"vad=True needs the 'audio' modality, but dims has only {sorted(dims)}; "
                 "set vad=False or serve audio features"
             )
+        self.options = opts
         self.modalities: tuple[str, ...] = tuple(m for m in MODALITIES if m in dims)
-        self.fusion = fusion
         self.num_targets = num_targets
-        self.hidden = hidden
         self.branches = nn.ModuleDict()
         for m in self.modalities:
-            branch_cls = AudioVADBranch if (vad and m == "audio") else ModalityBranch
-            self.branches[m] = branch_cls(
-                int(dims[m]),
-                num_targets,
-                hidden=hidden,
-                pooling=pooling,
-                temporal=temporal,
-                dropout=dropout,
-            )
-        fused = hidden * len(self.modalities) if fusion == "concat" else hidden
-        self.head = regression_head(fused, hidden, num_targets, dropout)
+            branch_cls = AudioVADBranch if (opts.vad and m == "audio") else ModalityBranch
+            self.branches[m] = branch_cls(int(dims[m]), num_targets, hidden=opts.hidden,
+                                          pooling=opts.pooling, temporal=opts.temporal,
+                                          dropout=opts.dropout)
+        fused = opts.hidden * len(self.modalities) if opts.fusion == "concat" else opts.hidden
+        self.head = regression_head(fused, opts.hidden, num_targets, opts.dropout)
 
-    def forward(
-        self, features: Mapping[str, Tensor], present: Mapping[str, Tensor] | None = None
-    ) -> EMIOutput:
-        """Predicts the targets for a batch.
+    def forward(self, batch: FeatureBatch) -> EMIOutput:
+        """Predicts the targets for a batch of stored rows (what the DataModule serves)."""
+        self._check(batch.rows)
+        outputs = {}
+        for m in self.modalities:
+            try:
+                outputs[m] = self.branches[m](batch.rows[m], batch.window(m), batch.present(m))
+            except ValueError as err:
+                raise ValueError(f"modality {m!r}: {err}") from err
+        return self._fuse(outputs)
+
+    def forward_dense(self, features: Mapping[str, Tensor],
+                      present: Mapping[str, Tensor] | None = None) -> EMIOutput:
+        """Predicts the targets from sequences ``[B, T, D_m]`` per modality.
 
         Args:
-            features: Modality -> ``[B, T, D_m]`` (float16 from the store, or any float dtype);
-                must hold every modality of the network.
+            features: Modality -> ``[B, T, D_m]`` (any float dtype); must hold every modality.
             present: Modality -> bool ``[B]`` (False = the clip has no data for that modality);
                 ``None`` means every clip has every modality.
-
-        Returns:
-            An :class:`EMIOutput` with ``pred`` ``[B, K]``, per-branch ``aux`` and
-            ``embeddings``, and ``vad`` (or ``None``).
         """
-        missing = [m for m in self.modalities if m not in features]
-        if missing:
-            raise ValueError(
-                f"features lack modalities {missing}; the network needs {list(self.modalities)}, "
-                f"got {sorted(features)}"
-            )
+        self._check(features)
         if present is not None:
             lacking = [m for m in self.modalities if m not in present]
             if lacking:
@@ -137,20 +138,29 @@ class EMINetwork(nn.Module):
         outputs = {}
         for m in self.modalities:
             try:
-                outputs[m] = self.branches[m](features[m], None if present is None else present[m])
+                mask = None if present is None else present[m]
+                outputs[m] = self.branches[m].forward_dense(features[m], mask)
             except ValueError as err:
                 raise ValueError(f"modality {m!r}: {err}") from err
-        embeddings = {m: o.embedding for m, o in outputs.items()}
-        stacked = [embeddings[m] for m in self.modalities]
-        fused = (
-            torch.cat(stacked, dim=-1)
-            if self.fusion == "concat"
-            else torch.stack(stacked).mean(dim=0)
-        )
-        vad = outputs["audio"].vad if "audio" in outputs else None
+        return self._fuse(outputs)
+
+    def _check(self, features: Mapping[str, Tensor]) -> None:
+        missing = [m for m in self.modalities if m not in features]
+        if missing:
+            raise ValueError(
+                f"features lack modalities {missing}; the network needs {list(self.modalities)}, "
+                f"got {sorted(features)}"
+            )
+
+    def _fuse(self, outputs: dict[str, BranchOutput]) -> EMIOutput:
+        stacked = [outputs[m].embedding for m in self.modalities]
+        if self.options.fusion == "concat":
+            fused = torch.cat(stacked, dim=-1)
+        else:
+            fused = torch.stack(stacked).mean(dim=0)
         return EMIOutput(
             pred=self.head(fused),
             aux={m: o.aux for m, o in outputs.items()},
-            vad=vad,
-            embeddings=embeddings,
+            vad=outputs["audio"].vad if "audio" in outputs else None,
+            embeddings={m: o.embedding for m, o in outputs.items()},
         )
