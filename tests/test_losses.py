@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from emimimic.losses import EMILoss, pearson_loss
 from emimimic.models import EMIOutput
+from emimimic.training.losses import EMILoss, LossOptions, pearson_loss
 
 
 def _np_pearson_loss(p: np.ndarray, t: np.ndarray) -> float:
@@ -135,11 +135,11 @@ def test_emi_loss_terms_match_hand_computation():
 
 
 def test_corr_warmup_ramp():
-    loss_fn = EMILoss(lambda_corr=0.1, corr_warmup_epochs=8)
+    loss_fn = EMILoss(LossOptions(lambda_corr=0.1, corr_warmup_epochs=8))
     got = [loss_fn.corr_weight(e) for e in range(10)]
     expected = [0.1 * min(1.0, (e + 1) / 8) for e in range(10)]
     np.testing.assert_allclose(got, expected, rtol=1e-12)
-    assert EMILoss(corr_warmup_epochs=0).corr_weight(0) == pytest.approx(0.1)
+    assert EMILoss(LossOptions(corr_warmup_epochs=0)).corr_weight(0) == pytest.approx(0.1)
     rng = np.random.default_rng(5)
     out = _output(rng, 12, 6, ("text",), vad=False)
     y = torch.tensor(rng.random((12, 6)), dtype=torch.float32)
@@ -155,11 +155,11 @@ def test_zero_lambdas_leave_mse_only_and_absent_branch_contributes_zero():
     out.vad.data[:] = float("nan")  # a removed term must not leak into the loss
     y = torch.tensor(rng.random((5, 6)), dtype=torch.float32)
     present = {"audio": torch.zeros(5, dtype=torch.bool), "text": torch.ones(5, dtype=torch.bool)}
-    baseline = EMILoss(lambda_corr=0.0, lambda_aux=0.0, lambda_vad=0.0)
+    baseline = EMILoss(LossOptions(lambda_corr=0.0, lambda_aux=0.0, lambda_vad=0.0))
     terms = baseline(out, y, present, epoch=3)
     mse = float(np.mean((out.pred.detach().numpy() - y.numpy()) ** 2))
     assert terms["loss"].item() == pytest.approx(mse, abs=1e-6)
-    full = EMILoss(lambda_vad=0.0)(out, y, present, epoch=3)
+    full = EMILoss(LossOptions(lambda_vad=0.0))(out, y, present, epoch=3)
     assert full["aux/audio"].item() == 0.0
     full["loss"].backward()
     assert torch.equal(out.aux["audio"].grad, torch.zeros(5, 6))
@@ -169,7 +169,7 @@ def test_unknown_branch_weight_is_rejected():
     rng = np.random.default_rng(7)
     out = _output(rng, 4, 6, ("text",), vad=False)
     with pytest.raises(ValueError, match="'text'"):
-        EMILoss(aux_weights={"audio": 1.0})(out, torch.rand(4, 6), None, epoch=0)
+        EMILoss(LossOptions(aux_weights={"audio": 1.0}))(out, torch.rand(4, 6), None, epoch=0)
 
 
 def test_emi_loss_single_clip_and_constant_columns_are_finite():
@@ -185,3 +185,10 @@ def test_emi_loss_single_clip_and_constant_columns_are_finite():
         assert torch.isfinite(out.pred.grad).all()
         if b == 1:
             assert terms["pearson"].item() == 0.0
+
+
+@pytest.mark.parametrize("field", ["lambda_corr", "lambda_aux", "lambda_vad", "corr_warmup_epochs"])
+def test_negative_options_are_rejected(field):
+    with pytest.raises(ValueError, match="must be >= 0"):
+        EMILoss(LossOptions(**{field: -1}))
+

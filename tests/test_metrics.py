@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import pearsonr
+from torchmetrics.regression import PearsonCorrCoef
 
 from emimimic.constants import EMOTIONS
-from emimimic.metrics import EMIPearson, pearson_dict
+from emimimic.training.metrics import EMIPearson, pearson_dict
 
 
 def _random_split(
@@ -149,17 +150,27 @@ def test_shape_mismatch_is_rejected():
         metric.update(torch.rand(4, 5), torch.rand(4, 5))
 
 
-def test_states_gathered_from_several_processes_merge_exactly():
-    # What a DDP sync leaves behind: every state stacked over processes ([world, K]).
+def test_rank_states_merged_with_merge_state_give_the_whole_split():
+    # what a DDP sync does: rank 0 adds rank 1's float64 sums to its own
     k = 3
     preds, targets = _random_split(7, [23, 41, 5, 30], k)
     ranks = [EMIPearson(k), EMIPearson(k)]
     for i, (p, t) in enumerate(zip(preds, targets, strict=True)):
         ranks[i % 2].update(p, t)
-    merged = EMIPearson(k)
-    for name in merged._defaults:
-        setattr(merged, name, torch.stack([getattr(r, name) for r in ranks]))
-    merged._update_count = 1
+    assert all(getattr(ranks[0], name).dtype == torch.float64
+               for name in ("n", "sx", "sy", "sxx", "syy", "sxy"))
+    ranks[0].merge_state(ranks[1])
     p_all, t_all = torch.cat(preds).double().numpy(), torch.cat(targets).double().numpy()
     expected = np.array([pearsonr(p_all[:, j], t_all[:, j])[0] for j in range(k)])
-    np.testing.assert_allclose(merged.compute().numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(ranks[0].compute().numpy(), expected, atol=1e-6)
+    assert int(ranks[0].n[0]) == 99
+
+
+def test_matches_torchmetrics_pearson_on_ordinary_data():
+    k = 4
+    preds, targets = _random_split(8, [16, 16, 9, 40], k)
+    ours, theirs = EMIPearson(k), PearsonCorrCoef(num_outputs=k)
+    for p, t in zip(preds, targets, strict=True):
+        ours.update(p, t)
+        theirs.update(p, t)
+    torch.testing.assert_close(ours.compute(), theirs.compute().float(), atol=1e-5, rtol=0)

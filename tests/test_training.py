@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,12 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from emimimic.data.datamodule import EMIDataModule
-from emimimic.training import EMA, EMIModule
+from emimimic.training import EMA, EMIModule, LossOptions
+
+
+def adamw(lr: float):
+    """The paper's optimizer (AdamW, weight decay 1e-4) at learning rate ``lr``."""
+    return partial(torch.optim.AdamW, lr=lr, weight_decay=1e-4)
 
 
 def _trainer(**kwargs) -> Trainer:
@@ -62,7 +69,7 @@ def test_evaluation_and_predict_use_ema_weights(demo_store, tmp_path, warmup):
     seed_everything(0)
     decay = 0.9
     data = EMIDataModule(str(demo_store), batch_size=32)
-    model = EMIModule(dims=data.dims, targets=data.targets, lr=3e-3)
+    model = EMIModule(dims=data.dims, targets=data.targets, optimizer=adamw(3e-3))
     recorder = WeightRecorder()
     checkpoint = ModelCheckpoint(
         dirpath=tmp_path, monitor="val/pearson", mode="max", save_last=True
@@ -97,7 +104,7 @@ def test_early_stopping_stops(demo_store):
     seed_everything(0)
     data = EMIDataModule(str(demo_store), batch_size=32)
     # lr = 0: the validation score cannot improve, so patience runs out.
-    model = EMIModule(dims=data.dims, targets=data.targets, lr=0.0)
+    model = EMIModule(dims=data.dims, targets=data.targets, optimizer=adamw(0.0))
     stopper = EarlyStopping(monitor="val/pearson", mode="max", patience=2)
     trainer = _trainer(
         max_epochs=20, enable_checkpointing=False, limit_train_batches=1, callbacks=[stopper]
@@ -153,7 +160,8 @@ def test_short_fit_beats_ridge_on_time_averaged_features(quickstart_store):
 
     seed_everything(0)
     data = EMIDataModule(quickstart_store, batch_size=32)
-    model = EMIModule(dims=data.dims, targets=data.targets, lr=1e-3, corr_warmup_epochs=2)
+    model = EMIModule(dims=data.dims, targets=data.targets, optimizer=adamw(1e-3),
+                      loss=LossOptions(corr_warmup_epochs=2))
     trainer = _trainer(
         max_epochs=12, enable_checkpointing=False, callbacks=[EMA(decay=0.999, warmup=True)]
     )
@@ -166,7 +174,7 @@ def test_short_fit_beats_ridge_on_time_averaged_features(quickstart_store):
 def test_bf16_mixed_precision_on_cpu_trains_and_scores_in_float32(demo_store):
     seed_everything(0)
     data = EMIDataModule(str(demo_store), batch_size=32)
-    model = EMIModule(dims=data.dims, targets=data.targets, lr=1e-3)
+    model = EMIModule(dims=data.dims, targets=data.targets, optimizer=adamw(1e-3))
     trainer = _trainer(max_epochs=2, precision="bf16-mixed", enable_checkpointing=False)
     trainer.fit(model, datamodule=data)
     mixed = trainer.validate(model, datamodule=data, verbose=False)[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -10,8 +11,28 @@ from torch import Tensor, nn
 
 from emimimic.models.network import EMIOutput
 
-#: The authors' auxiliary-branch weights (paper §3).
-DEFAULT_AUX_WEIGHTS: dict[str, float] = {"visual": 0.2, "audio": 0.35, "text": 0.45}
+
+def _authors_aux_weights() -> dict[str, float]:
+    return {"visual": 0.2, "audio": 0.35, "text": 0.45}
+
+
+@dataclass
+class LossOptions:
+    """The training objective's weights (``model.loss.*`` in the configs); the authors' values.
+
+    Attributes:
+        lambda_corr: weight of the batch Pearson loss after warm-up (0: off).
+        corr_warmup_epochs: epochs of linear warm-up of the Pearson weight (0: none).
+        lambda_aux: weight of the auxiliary branch losses (0: off).
+        aux_weights: per-modality weights inside the auxiliary loss; must cover every branch.
+        lambda_vad: weight of the VAD latent prior (0: off).
+    """
+
+    lambda_corr: float = 0.1
+    corr_warmup_epochs: int = 8
+    lambda_aux: float = 0.03
+    aux_weights: dict[str, float] = field(default_factory=_authors_aux_weights)
+    lambda_vad: float = 0.01
 
 
 def pearson_loss(pred: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
@@ -58,34 +79,20 @@ class EMILoss(nn.Module):
     The VAD prior covers only clips with audio: an absent clip's VAD comes from zero rows.
 
     Args:
-        lambda_corr: Weight of the batch Pearson loss after warm-up.
-        corr_warmup_epochs: Epochs of linear warm-up of the Pearson weight.
-        lambda_aux: Weight of the auxiliary branch losses.
-        aux_weights: Per-modality weights of the auxiliary losses; ``None`` = the authors'
-            (visual 0.2, audio 0.35, text 0.45). Must cover every branch of the network.
-        lambda_vad: Weight of the VAD latent prior.
+        options: the weights (default: the authors').
     """
 
-    def __init__(
-        self,
-        lambda_corr: float = 0.1,
-        corr_warmup_epochs: int = 8,
-        lambda_aux: float = 0.03,
-        aux_weights: Mapping[str, float] | None = None,
-        lambda_vad: float = 0.01,
-    ) -> None:
+    def __init__(self, options: LossOptions | None = None) -> None:
         super().__init__()
-        if min(lambda_corr, lambda_aux, lambda_vad) < 0 or corr_warmup_epochs < 0:
-            raise ValueError(
-                "loss weights and corr_warmup_epochs must be >= 0, got "
-                f"lambda_corr={lambda_corr}, corr_warmup_epochs={corr_warmup_epochs}, "
-                f"lambda_aux={lambda_aux}, lambda_vad={lambda_vad}"
-            )
-        self.lambda_corr = float(lambda_corr)
-        self.corr_warmup_epochs = int(corr_warmup_epochs)
-        self.lambda_aux = float(lambda_aux)
-        self.aux_weights = dict(DEFAULT_AUX_WEIGHTS if aux_weights is None else aux_weights)
-        self.lambda_vad = float(lambda_vad)
+        opts = options or LossOptions()
+        if min(opts.lambda_corr, opts.lambda_aux, opts.lambda_vad) < 0 or (
+                opts.corr_warmup_epochs < 0):
+            raise ValueError(f"loss weights and corr_warmup_epochs must be >= 0, got {opts}")
+        self.lambda_corr = float(opts.lambda_corr)
+        self.corr_warmup_epochs = int(opts.corr_warmup_epochs)
+        self.lambda_aux = float(opts.lambda_aux)
+        self.aux_weights = dict(opts.aux_weights)
+        self.lambda_vad = float(opts.lambda_vad)
 
     def corr_weight(self, epoch: int) -> float:
         """Returns the Pearson-term weight at ``epoch`` (0-based) after the linear warm-up."""

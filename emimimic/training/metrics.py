@@ -8,8 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics.regression import PearsonCorrCoef
-from torchmetrics.regression.pearson import _final_aggregation
+from torchmetrics import Metric
 
 #: A column counts as constant when its variance is at most this fraction of its mean square,
 #: i.e. its spread is below ~1e-5 of its magnitude (~100 float32 ulps): float32 rounding noise
@@ -17,17 +16,16 @@ from torchmetrics.regression.pearson import _final_aggregation
 CONSTANT_RELATIVE_VARIANCE: float = 1e-10
 
 
-class EMIPearson(PearsonCorrCoef):
-    """Per-target Pearson's r accumulated over a whole split (DDP-syncable torchmetrics states).
+class EMIPearson(Metric):
+    """Per-target Pearson's r accumulated over a whole split (DDP-syncable).
 
-    Inputs are cast to float32 (fp16/bf16 predictions lose 1e-3 to 1e-2 of r otherwise).
+    The states are float64 sums (n, Σx, Σy, Σx², Σy², Σxy per target), which a DDP sync adds up
+    exactly; in float64 the raw moments of values in [0, 1] over any realistic split lose nothing
+    that matters. Inputs are cast to float32 first (fp16/bf16 predictions lose 1e-3 to 1e-2 of r).
     ``compute()`` returns a ``[K]`` tensor; a target whose prediction or label column is constant
     over the split (or that has fewer than two clips) gets ``r = 0`` and a warning naming it,
-    never NaN.
-
-    States and update are torchmetrics' own; ``compute`` is hand-written because torchmetrics
-    NaNs columns whose variance is small relative to their largest deviation (a valid column with
-    one outlier in thousands) and does not catch float32 rounding noise of a constant column.
+    never NaN. Written here rather than taken from torchmetrics' ``PearsonCorrCoef`` because that
+    one NaNs valid sparse columns and does not catch float32 rounding noise of a constant column.
 
     Args:
         num_targets: Number of targets ``K``.
@@ -35,30 +33,28 @@ class EMIPearson(PearsonCorrCoef):
         kwargs: Passed to :class:`torchmetrics.Metric`.
     """
 
-    def __init__(
-        self,
-        num_targets: int = 6,
-        target_names: Sequence[str] | None = None,
-        **kwargs: Any,
-    ) -> None:
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, num_targets: int = 6, target_names: Sequence[str] | None = None,
+                 **kwargs: Any) -> None:
         if num_targets < 1:
             raise ValueError(f"num_targets must be >= 1, got {num_targets}")
         if target_names is not None and len(target_names) != num_targets:
             raise ValueError(
                 f"target_names has {len(target_names)} names, expected num_targets={num_targets}"
             )
-        super().__init__(num_outputs=num_targets, **kwargs)
+        super().__init__(**kwargs)
         self.num_targets = num_targets
-        self.target_names = (
-            list(target_names)
-            if target_names is not None
-            else [f"target {k}" for k in range(num_targets)]
-        )
+        self.target_names = (list(target_names) if target_names is not None
+                             else [f"target {k}" for k in range(num_targets)])
+        for name in ("n", "sx", "sy", "sxx", "syy", "sxy"):
+            self.add_state(name, torch.zeros(num_targets, dtype=torch.float64),
+                           dist_reduce_fx="sum")
 
     def update(self, preds: Tensor, target: Tensor) -> None:
-        """Accumulates a batch of predictions and targets ``[B, K]`` (cast to float32)."""
-        preds = preds.detach().float()
-        target = target.detach().float()
+        """Accumulates a batch of predictions and targets ``[B, K]``."""
         if preds.ndim == 1 and self.num_targets == 1:
             preds, target = preds.unsqueeze(1), target.unsqueeze(1)
         if preds.shape != target.shape or preds.ndim != 2 or preds.shape[1] != self.num_targets:
@@ -66,61 +62,41 @@ class EMIPearson(PearsonCorrCoef):
                 f"EMIPearson expects preds and target of shape [B, {self.num_targets}], got "
                 f"{tuple(preds.shape)} and {tuple(target.shape)}"
             )
-        if preds.shape[0] == 0:
-            return
-        super().update(preds, target)
+        x = preds.detach().float().double()
+        y = target.detach().float().double()
+        self.n += x.shape[0]
+        self.sx += x.sum(0)
+        self.sy += y.sum(0)
+        self.sxx += (x * x).sum(0)
+        self.syy += (y * y).sum(0)
+        self.sxy += (x * y).sum(0)
 
     def compute(self) -> Tensor:
         """Returns Pearson's r per target ``[K]`` over all accumulated clips (0 where undefined)."""
-        if self.mean_x.ndim > 1:
-            # After a DDP sync each state is stacked per process: merge them (Chan et al.).
-            mean_x, mean_y, _, _, var_x, var_y, corr_xy, n = _final_aggregation(
-                self.mean_x,
-                self.mean_y,
-                self.max_abs_dev_x,
-                self.max_abs_dev_y,
-                self.var_x,
-                self.var_y,
-                self.corr_xy,
-                self.n_total,
-            )
-        else:
-            mean_x, mean_y = self.mean_x, self.mean_y
-            var_x, var_y, corr_xy, n = self.var_x, self.var_y, self.corr_xy, self.n_total
-        # var_x / var_y / corr_xy are sums of (co)deviations; the 1/(n-1) factors cancel in r.
-        n_safe = n.clamp_min(1.0)
-        const_x = self._constant(var_x / n_safe, mean_x)
-        const_y = self._constant(var_y / n_safe, mean_y)
-        undefined = const_x | const_y | (n < 2)
+        n = self.n.clamp_min(1.0)
+        mean_x, mean_y = self.sx / n, self.sy / n
+        var_x = (self.sxx / n - mean_x * mean_x).clamp_min(0.0)
+        var_y = (self.syy / n - mean_y * mean_y).clamp_min(0.0)
+        cov = self.sxy / n - mean_x * mean_y
+        const_x = var_x <= CONSTANT_RELATIVE_VARIANCE * (mean_x * mean_x + var_x)
+        const_y = var_y <= CONSTANT_RELATIVE_VARIANCE * (mean_y * mean_y + var_y)
+        undefined = const_x | const_y | (self.n < 2)
         denom = torch.sqrt(torch.where(undefined, torch.ones_like(var_x), var_x * var_y))
-        r = torch.where(undefined, torch.zeros_like(corr_xy), corr_xy / denom).clamp(-1.0, 1.0)
+        r = torch.where(undefined, torch.zeros_like(cov), cov / denom).clamp(-1.0, 1.0)
         for k in torch.nonzero(undefined).flatten().tolist():
-            if n[k] < 2:
-                why = f"only {int(n[k])} clip(s) were accumulated"
+            if self.n[k] < 2:
+                why = f"only {int(self.n[k])} clip(s) were accumulated"
             else:
-                which = " and ".join(
-                    name
-                    for name, flag in (("prediction", const_x[k]), ("label", const_y[k]))
-                    if flag
-                )
-                why = f"its {which} column is constant over {int(n[k])} clips"
-            warnings.warn(
-                f"EMIPearson: Pearson r of {self.target_names[k]!r} is undefined ({why}); "
-                "reported as 0",
-                UserWarning,
-                stacklevel=2,
-            )
-        return r
-
-    @staticmethod
-    def _constant(variance: Tensor, mean: Tensor) -> Tensor:
-        """Returns True where a column's variance is negligible next to its mean square."""
-        return variance <= CONSTANT_RELATIVE_VARIANCE * (mean * mean + variance)
+                which = " and ".join(name for name, flag in
+                                     (("prediction", const_x[k]), ("label", const_y[k])) if flag)
+                why = f"its {which} column is constant over {int(self.n[k])} clips"
+            warnings.warn(f"EMIPearson: Pearson r of {self.target_names[k]!r} is undefined "
+                          f"({why}); reported as 0", UserWarning, stacklevel=2)
+        return r.float()
 
 
-def pearson_dict(
-    r: Tensor, target_names: Sequence[str], prefix: str = "pearson"
-) -> dict[str, Tensor]:
+def pearson_dict(r: Tensor, target_names: Sequence[str], prefix: str = "pearson"
+                 ) -> dict[str, Tensor]:
     """Returns ``{prefix: mean r, f"{prefix}/{name}": r_k}`` for logging.
 
     Args:
