@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import os
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from emimimic.data.datamodule import EMIDataModule
-from emimimic.training import EMA, EMIModule, SubmissionWriter
-
-EVAL_SUBCOMMANDS = ("validate", "test", "predict")
+from emimimic.errors import UserError
+from emimimic.training import EMA, EMIModule, EpochSeed, LastCheckpoint, SubmissionWriter
+from emimimic.training.checkpoints import (
+    adopt_checkpoint_model,
+    best_checkpoint,
+    check_data_fits,
+    checkpoint_hparams,
+    metrics_rows_until,
+    resolve_checkpoint,
+)
+from emimimic.training.dashboard import WandbDashboard
+from emimimic.training.report import TargetPearson
 
 
 class EMISaveConfig(SaveConfigCallback):
@@ -25,8 +36,8 @@ class EMISaveConfig(SaveConfigCallback):
     """
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        logger = trainer.logger
-        if self.already_saved or not isinstance(logger, WandbLogger):
+        logger = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+        if self.already_saved or logger is None:
             super().setup(trainer, pl_module, stage)
             return
         if trainer.is_global_zero:
@@ -40,7 +51,15 @@ class EMISaveConfig(SaveConfigCallback):
 
 
 class EMICLI(LightningCLI):
-    """LightningCLI with EMI's callbacks and ``--ckpt_path best`` usable in a fresh process."""
+    """LightningCLI with EMI's callbacks, checkpoints that decide the model, and exact resume.
+
+    * ``--ckpt_path best|last|FILE`` works in a fresh process; ``validate``, ``test`` and
+      ``predict`` refuse to run without one unless ``--allow_untrained true``;
+    * with a checkpoint, the model's structure (network and loss options, served modalities)
+      comes from its hyper-parameters; a conflicting explicit option is refused;
+    * ``last.ckpt`` is written every epoch and ``fit --ckpt_path last`` continues the same
+      metrics log (``{root}/logs/fit/metrics.csv``) without repeating the epochs it redoes.
+    """
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.dims", "model.dims", apply_on="instantiate")
@@ -48,8 +67,12 @@ class EMICLI(LightningCLI):
         parser.add_lightning_class_args(EMA, "ema")
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(SubmissionWriter, "submission")
+        parser.add_argument("--allow_untrained", type=bool, default=False,
+                            help="validate/test/predict without a checkpoint, on freshly "
+                                 "initialised weights (their scores mean nothing)")
         parser.set_defaults(
             {
                 "early_stopping.monitor": EMIModule.monitor,
@@ -57,7 +80,6 @@ class EMICLI(LightningCLI):
                 "early_stopping.patience": 8,
                 "checkpoint.monitor": EMIModule.monitor,
                 "checkpoint.mode": EMIModule.mode,
-                "checkpoint.save_last": True,
                 "checkpoint.filename": "best-epoch{epoch:03d}",
                 "checkpoint.auto_insert_metric_name": False,
                 "lr_monitor.logging_interval": "epoch",
@@ -70,81 +92,122 @@ class EMICLI(LightningCLI):
         if config.checkpoint.dirpath is None:
             # A fixed folder (not the logger's version_N) so a later process finds the checkpoints.
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
-        if config.trainer.logger in (None, True):
-            config.trainer.logger = {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": root, "name": "logs"},
-            }
-
-    def _resolve_best(self) -> None:
-        config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") != "best":
+        config.last_checkpoint.dirpath = config.checkpoint.dirpath
+        config.trainer.logger = _with_csv_logger(config.trainer.logger, root, self.subcommand)
+        _name_wandb_runs(config)
+        self._checkpoint_hparams = None
+        if config.get("ckpt_path") is None:
+            if self.subcommand is None:
+                return
+            if self.subcommand != "fit" and not config.allow_untrained:
+                raise UserError(
+                    f"`emimimic {self.subcommand}` needs the weights to evaluate: pass --ckpt_path "
+                    "best|last|FILE (a checkpoint of `emimimic fit`), or --allow_untrained true "
+                    "to run freshly initialised weights on purpose"
+                )
             return
-        best = best_checkpoint(self.config[self.subcommand].checkpoint.dirpath)
-        rank_zero_info(f"--ckpt_path best resolved to {best}")
-        config["ckpt_path"] = best
+        config.ckpt_path = resolve_checkpoint(config.ckpt_path, config.checkpoint.dirpath)
+        rank_zero_info(f"--ckpt_path: {config.ckpt_path}")
+        self._checkpoint_hparams = checkpoint_hparams(config.ckpt_path)
+        adopt_checkpoint_model(config, self._checkpoint_hparams, config.ckpt_path)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        trainer = super().instantiate_trainer(**kwargs)
+        if self._checkpoint_hparams is not None and self.subcommand is not None:
+            check_data_fits(self._checkpoint_hparams, self.datamodule.dims,
+                            self.datamodule.targets, self.config[self.subcommand].ckpt_path)
+        # before the checkpoint callbacks, which Lightning keeps last
+        first = next((i for i, c in enumerate(trainer.callbacks)
+                      if isinstance(c, ModelCheckpoint)), len(trainer.callbacks))
+        trainer.callbacks[first:first] = [TargetPearson(), EpochSeed(), WandbDashboard()]
+        return trainer
 
     def before_fit(self) -> None:
-        dirpath = self.config[self.subcommand].checkpoint.dirpath
-        if self.config_init[self.subcommand].get("ckpt_path") is None and _has_checkpoints(dirpath):
-            # A second fit would add versioned files beside the first run's and leave
-            # last.ckpt (and so --ckpt_path best) pointing at a mix of the two runs.
-            raise FileExistsError(
-                f"{dirpath} already holds checkpoints of an earlier fit. Resume it with "
-                "--ckpt_path last, or start a new run with --trainer.default_root_dir NEW_DIR"
-            )
+        config = self.config[self.subcommand]
+        if config.ckpt_path is None:
+            if _has_checkpoints(config.checkpoint.dirpath):
+                # A second fit would add versioned files beside the first run's and leave
+                # last.ckpt (and so --ckpt_path best) pointing at a mix of the two runs.
+                raise UserError(
+                    f"{config.checkpoint.dirpath} already holds checkpoints of an earlier fit. "
+                    "Resume it with --ckpt_path last, or start a new run with "
+                    "--trainer.default_root_dir NEW_DIR"
+                )
+            return
+        csv_logger = next((lg for lg in self.trainer.loggers if isinstance(lg, CSVLogger)), None)
+        if csv_logger is not None and self.trainer.is_global_zero:
+            epoch = int(torch.load(config.ckpt_path, map_location="cpu",
+                                   weights_only=True)["epoch"])
+            old = os.path.join(csv_logger.log_dir, "metrics.csv")
+            for row in metrics_rows_until(old, epoch):
+                step = int(row.pop("step"))
+                csv_logger.log_metrics(row, step)
 
-    def before_validate(self) -> None:
-        self._resolve_best()
 
-    def before_test(self) -> None:
-        self._resolve_best()
+def _with_csv_logger(logger: Any, root: str, subcommand: str) -> Any:
+    """Returns the logger config with a CSV logger in ``{root}/logs/{subcommand}`` first."""
+    csv_logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                  "init_args": {"save_dir": root, "name": "logs", "version": subcommand}}
+    if logger in (None, True):
+        return csv_logger
+    if logger is False:
+        return False
+    loggers = list(logger) if isinstance(logger, list) else [logger]
+    if any("CSVLogger" in str(getattr(lg, "class_path", lg)) for lg in loggers):
+        return loggers
+    return [csv_logger, *loggers]
 
-    def before_predict(self) -> None:
-        self._resolve_best()
+
+def _name_wandb_runs(config: Any) -> None:
+    """Names W&B runs after the experiment config and the seed, and groups a sweep's runs.
+
+    The experiment is the last ``-c`` file outside a ``logger`` folder; the group is
+    ``$EMIMIMIC_WANDB_GROUP`` (``emimimic table`` sets it) or the experiment. Values the config
+    sets itself are kept.
+    """
+    loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else []
+    files = [str(c) for c in (config.get("config") or [])]
+    experiments = [Path(f).stem for f in files if "logger" not in Path(f).parts]
+    experiment = experiments[-1] if experiments else "emimimic"
+    seed = config.seed_everything
+    for logger in loggers:
+        if "WandbLogger" not in str(getattr(logger, "class_path", "")):
+            continue
+        args = logger.init_args
+        if args.get("name") is None:
+            args.name = f"{experiment}-seed{seed}"
+        if args.get("group") is None:
+            args.group = os.environ.get("EMIMIMIC_WANDB_GROUP", experiment)
+        if args.get("tags") is None:
+            args.tags = [experiment, f"seed{seed}"]
 
 
 def _has_checkpoints(dirpath: str) -> bool:
     return os.path.isdir(dirpath) and any(f.endswith(".ckpt") for f in os.listdir(dirpath))
 
 
-def best_checkpoint(dirpath: str) -> str:
-    """Returns the best checkpoint recorded in ``{dirpath}/last.ckpt`` by ModelCheckpoint.
-
-    Lightning resolves ``ckpt_path="best"`` only inside the process that ran ``fit``; the
-    ``last.ckpt`` written with ``save_last`` carries the callback's state, best path included.
-    """
-    last = os.path.join(dirpath, "last.ckpt")
-    if not os.path.isfile(last):
-        raise FileNotFoundError(
-            f"--ckpt_path best: no {last}. Run `emimimic fit` with the same config first, or pass "
-            "--ckpt_path PATH/TO/FILE.ckpt"
-        )
-    state = torch.load(last, map_location="cpu", weights_only=True)
-    for key, value in state.get("callbacks", {}).items():
-        if key.startswith("ModelCheckpoint") and value.get("best_model_path"):
-            best = value["best_model_path"]
-            if not os.path.isfile(best):
-                # The run folder may have moved since fit: look beside last.ckpt.
-                moved = os.path.join(dirpath, os.path.basename(best))
-                if not os.path.isfile(moved):
-                    raise FileNotFoundError(f"{last} names {best} as best, but it does not exist")
-                best = moved
-            return best
-    raise ValueError(f"{last} records no best checkpoint (was a metric monitored during fit?)")
-
-
 def cli_main(args: list[str] | None = None, run: bool = True) -> EMICLI:
     """Runs (or, with ``run=False``, only builds) the EMI LightningCLI on ``args``."""
-    return EMICLI(
-        EMIModule,
-        EMIDataModule,
-        args=args,
-        run=run,
-        save_config_callback=EMISaveConfig,
-        trainer_defaults={"use_distributed_sampler": False},
-        parser_kwargs={"default_env": False},
-    )
+    try:
+        with warnings.catch_warnings():
+            # `emimimic` passes the console's own arguments on, which LightningCLI warns about
+            warnings.filterwarnings("ignore", "LightningCLI's args parameter")
+            return EMICLI(
+                EMIModule,
+                EMIDataModule,
+                args=args,
+                run=run,
+                save_config_callback=EMISaveConfig,
+                # the run's own file: a resumed fit, or a later validate, records its config anew
+                save_config_kwargs={"overwrite": True},
+                trainer_defaults={"use_distributed_sampler": False},
+                # a refused value raises (the entry point prints it as one line), not exits
+                parser_kwargs={"default_env": False, "exit_on_error": False},
+            )
+    finally:
+        if run and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # left to interpreter exit, gloo's threads sometimes abort the process there
+            torch.distributed.destroy_process_group()
 
 
 __all__ = ["EMICLI", "EMISaveConfig", "best_checkpoint", "cli_main"]

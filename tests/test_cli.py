@@ -12,7 +12,10 @@ import pandas as pd
 import pytest
 import torch
 
+import emimimic
+from emimimic.__main__ import COMMANDS, main
 from emimimic.cli import best_checkpoint, cli_main
+from emimimic.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -27,7 +30,7 @@ def _run(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "PYTHONPATH": str(REPO / "tests"), **(env or {})},
     )
     assert not check or proc.returncode == 0, (
         f"emimimic {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -51,10 +54,9 @@ def _quickstart(command: str, store: str, root: Path | str, *extra: str) -> list
     ]
 
 
-def _metrics(root: Path) -> pd.DataFrame:
-    files = sorted(root.glob("logs/version_*/metrics.csv"), key=os.path.getmtime)
-    assert files, f"no metrics.csv under {root}"
-    return pd.read_csv(files[-1])
+def _metrics(root: Path, stage: str) -> pd.DataFrame:
+    """Returns the metrics of a run folder's latest `emimimic STAGE` (logs/STAGE/metrics.csv)."""
+    return pd.read_csv(root / "logs" / stage / "metrics.csv")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ def test_fit_writes_best_and_last_checkpoints(fitted):
         not torch.equal(ckpt["state_dict"][k], ckpt["current_model_state"][k])
         for k in ckpt["state_dict"]
     )
-    history = _metrics(fitted)
+    history = _metrics(fitted, "fit")
     scores = history["val/pearson"].dropna()
     assert len(scores) == 3
     assert ckpt["callbacks"]
@@ -87,15 +89,15 @@ def test_fit_writes_best_and_last_checkpoints(fitted):
     assert float(recorded["best_model_score"]) == pytest.approx(scores.max(), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_validate_best_in_fresh_process_reproduces_fit_score(fitted, store):
     root = fitted
     _run(*_quickstart("validate", store, root, "--ckpt_path", "best"))
-    fit_best = _metrics(root)  # the newest metrics file is the validate run's
-    fit_runs = sorted(root.glob("logs/version_*/metrics.csv"), key=os.path.getmtime)
-    fit_scores = pd.read_csv(fit_runs[0])["val/pearson"].dropna()
-    assert fit_best["val/pearson"].dropna().iloc[-1] == pytest.approx(fit_scores.max(), abs=1e-5)
+    validated = _metrics(root, "validate")["val/pearson"].dropna().iloc[-1]
+    assert validated == pytest.approx(_metrics(root, "fit")["val/pearson"].max(), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_predict_best_writes_submission_once_per_clip(fitted, store, tmp_path):
     out = tmp_path / "submission.csv"
     args = _quickstart(
@@ -122,6 +124,7 @@ def test_predict_best_writes_submission_once_per_clip(fitted, store, tmp_path):
     assert out.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_ddp_validate_and_predict_match_one_process(fitted, tmp_path):
     from emimimic.data.synth import synth
 
@@ -155,8 +158,8 @@ def test_ddp_validate_and_predict_match_one_process(fitted, tmp_path):
         timeout=600,
     )
     assert "Starting with 2 processes" in ddp.stdout + ddp.stderr
-    r1 = _metrics(one)["val/pearson"].dropna().iloc[-1]
-    r2 = _metrics(two)["val/pearson"].dropna().iloc[-1]
+    r1 = _metrics(one, "validate")["val/pearson"].dropna().iloc[-1]
+    r2 = _metrics(two, "validate")["val/pearson"].dropna().iloc[-1]
     assert r2 == pytest.approx(r1, abs=1e-6)
 
     sub1, sub2 = tmp_path / "one.csv", tmp_path / "two.csv"
@@ -180,37 +183,50 @@ def test_ddp_validate_and_predict_match_one_process(fitted, tmp_path):
 
 
 def test_best_without_fit_names_the_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="last.ckpt"):
+    with pytest.raises(UserError, match="last.ckpt"):
         best_checkpoint(str(tmp_path))
 
 
-def test_wandb_offline_twice_in_same_folder(store, tmp_path):
+@pytest.mark.slow
+def test_wandb_offline_runs_hold_metrics_and_pictures(store, tmp_path):
     pytest.importorskip("wandb")
+    from support.wandb_log import logged
+
     args = [
-        "fit",
-        "-c",
-        QUICKSTART,
-        "-c",
-        str(REPO / "configs/logger/wandb.yaml"),
-        "--data.store",
-        store,
-        "--trainer.logger.init_args.save_dir",
-        str(tmp_path / "wandb"),
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.limit_train_batches",
-        "2",
-        "--trainer.enable_progress_bar",
-        "false",
+        "fit", "-c", QUICKSTART, "-c", str(REPO / "configs/logger/wandb.yaml"),
+        "--data.store", store, "--trainer.logger.init_args.save_dir", str(tmp_path / "wandb"),
+        "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
+        "--trainer.log_every_n_steps", "1",
     ]
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path / "wandb")}
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path / "wandb"),
+           "EMIMIMIC_WANDB_GROUP": "sweep-a"}
     # Two runs (own checkpoint folders) logging into one W&B folder, as a sweep would.
-    _run(*args, "--trainer.default_root_dir", str(tmp_path / "run1"), env=env)
-    _run(*args, "--trainer.default_root_dir", str(tmp_path / "run2"), env=env)
-    configs = list((tmp_path / "wandb" / "configs").glob("*.yaml"))
-    assert len(configs) == 2
-    runs = list((tmp_path / "wandb").glob("wandb/offline-run-*"))
+    for seed in ("1", "2"):
+        _run(*args, "--seed_everything", seed, "--trainer.default_root_dir",
+             str(tmp_path / f"run{seed}"), env=env)
+        # the CSV log is kept beside W&B
+        assert (tmp_path / f"run{seed}" / "logs" / "fit" / "metrics.csv").is_file()
+    assert len(list((tmp_path / "wandb" / "configs").glob("*.yaml"))) == 2
+    runs = sorted((tmp_path / "wandb").glob("wandb/offline-run-*"))
     assert len(runs) == 2
+    names = set()
+    for run in runs:
+        keys = logged(next(run.glob("run-*.wandb")))
+        names |= {k for k in keys["run"] if k.startswith("name=")}
+        assert {"group=sweep-a", "tag=quickstart"} <= keys["run"]
+        history = keys["history"]
+        targets = [f"val/pearson/{t}" for t in emimimic.EMOTIONS]
+        for key in ("val/pearson", *targets, "lr-AdamW", "train/loss_step", "train/mse_step",
+                    "train/pearson_step", "train/aux_step", "train/vad_prior_step"):
+            assert key in history, key
+        for media in ("best/pearson_bars", "best/scatter", "best/predictions"):
+            assert f"{media}/_type" in history, media
+        assert {"best/pearson", "best/epoch"} <= keys["summary"]
+        assert {"network", "loss", "dims"} <= keys["config"]
+        images = sorted(p.name.split("_")[0] for p in run.glob("files/media/images/best/*.png"))
+        assert images == ["pearson", "scatter"]
+        assert list(run.glob("files/media/table/best/predictions_*.table.json"))
+    assert names == {"name=quickstart-seed1", "name=quickstart-seed2"}
 
 
 def test_second_fit_refuses_then_resumes_from_last(store, tmp_path):
@@ -218,15 +234,16 @@ def test_second_fit_refuses_then_resumes_from_last(store, tmp_path):
     args = _quickstart("fit", store, root, "--trainer.log_every_n_steps", "1")
     first = cli_main([*args, "--trainer.max_epochs", "2"]).trainer.global_step
     before = sorted(p.name for p in (root / "checkpoints").iterdir())
-    with pytest.raises(FileExistsError, match="--ckpt_path last"):
+    with pytest.raises(UserError, match="--ckpt_path last"):
         cli_main([*args, "--trainer.max_epochs", "2"])
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == before
 
     cli = cli_main([*args, "--trainer.max_epochs", "4", "--ckpt_path", "last"])
     # Epochs 0-1 come from the checkpoint, only epochs 2-3 run now.
     assert cli.trainer.current_epoch == 4 and cli.trainer.global_step == 2 * first
-    steps = _metrics(root).dropna(subset=["train/loss_step"])["step"]  # the resumed run's log
-    assert steps.min() > 0  # it did not start again from scratch
+    steps = _metrics(root, "fit").dropna(subset=["train/loss_step"])["step"]
+    # one continuous log: the first run's steps, then the resumed run's, none twice
+    assert steps.tolist() == list(range(steps.min(), steps.min() + len(steps)))
     last = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 3
     assert Path(best_checkpoint(str(root / "checkpoints"))).is_file()
@@ -250,3 +267,85 @@ def test_submission_writer_refuses_duplicated_or_missing_clips(tmp_path):
         "00001,0.250000",
         "00002,1.000000",
     ]
+
+
+def _main_error(capsys, *argv: str) -> str:
+    """Runs `emimimic ARGV` in this process; returns its stderr, asserting exit status 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("missing store", "nowhere: feature store does not exist"),
+        ("missing config", "File does not exist"),
+        ("negative batch size", "data.batch_size"),
+        ("unknown fusion", "Expected a typing.Literal['concat', 'average']. Got value: foo"),
+        ("existing destination", "destination already exists"),
+    ],
+)
+def test_user_errors_print_one_line_and_exit_2(case, expected, store, tmp_path, capsys):
+    argv = {
+        "missing store": ["fit", "-c", QUICKSTART, "--data.store", str(tmp_path / "nowhere")],
+        "missing config": ["fit", "-c", str(tmp_path / "absent.yaml")],
+        "negative batch size": ["fit", "-c", QUICKSTART, "--data.store", store,
+                                "--data.batch_size", "-1",
+                                "--trainer.default_root_dir", str(tmp_path / "run")],
+        "unknown fusion": ["fit", "-c", QUICKSTART, "--data.store", store,
+                           "--model.network.fusion", "foo"],
+        "existing destination": ["synth", store],
+    }[case]
+    lines = [line for line in _main_error(capsys, *argv).splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    assert lines[0].startswith(f"emimimic {argv[0]}: error: ") and expected in lines[0]
+    # refused before any work: no run folder, no logs
+    assert not (tmp_path / "run").exists()
+
+
+def test_debug_shows_the_traceback(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("EMIMIMIC_DEBUG", "1")
+    with pytest.raises(UserError, match="destination already exists"):
+        main(["synth", store])
+
+
+def test_help_lists_every_subcommand_and_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()
+              if line.startswith("  ")]
+    assert listed == list(COMMANDS)
+    assert {"fit", "validate", "test", "predict", "pack", "synth", "info"} <= set(listed)
+    main(["--version"])
+    assert capsys.readouterr().out.strip() == f"emimimic {emimimic.__version__}"
+
+
+def test_fit_tells_the_story_and_it_matches_the_log(store, tmp_path, capsys):
+    root = tmp_path / "run"
+    # lr 0: the score cannot improve (beyond EMA rounding noise, hence min_delta), so early
+    # stopping ends the run after `patience` epochs
+    cli = cli_main(_quickstart("fit", store, root, "--trainer.max_epochs", "6",
+                               "--early_stopping.patience", "2",
+                               "--early_stopping.min_delta", "0.001",
+                               "--model.optimizer.init_args.lr", "0"))
+    out = capsys.readouterr().out
+    assert "val/pearson" in cli.trainer.progress_bar_metrics
+    log = _metrics(root, "fit").dropna(subset=["val/pearson"]).set_index("epoch")
+    best = int(log["val/pearson"].idxmax())
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("best epoch "))
+    assert lines[head].startswith(f"best epoch {best} of {len(log)}: val/pearson ")
+    assert float(lines[head].split()[-1]) == pytest.approx(log.loc[best, "val/pearson"], abs=1e-4)
+    for line, target in zip(lines[head + 1:head + 7], emimimic.EMOTIONS, strict=True):
+        name, value = line.rsplit(maxsplit=1)
+        assert name.strip() == target
+        assert float(value) == pytest.approx(log.loc[best, f"val/pearson/{target}"], abs=1e-4)
+    assert lines[head + 7] == f"best checkpoint: {best_checkpoint(str(root / 'checkpoints'))}"
+    assert "early stopping at epoch 2: val/pearson did not improve for 2 epochs" in out
+
+    cli_main(_quickstart("validate", store, root, "--ckpt_path", "best"))
+    out = capsys.readouterr().out
+    assert f"validation: val/pearson {log.loc[best, 'val/pearson']:.4f}" in out
