@@ -1,0 +1,353 @@
+"""``extract``: raw clips -> per-clip features in a work folder -> a feature store (``pack``).
+
+Stages run in order: visual, audio, then text (speech recognition first, unless a transcripts
+file is given). Each stage records its provenance in the work folder before it runs and refuses
+to mix its results with results made by other settings. The store is then (re)packed from every
+complete modality of the work folder, so a later run with ``--modality text`` adds text to a
+store that had visual and audio.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from emimimic.constants import ID_COLUMN, MODALITIES
+from emimimic.data.pack import pack
+from emimimic.data.store import FeatureStore, StoreError, normalise_id
+from emimimic.errors import UserError
+from emimimic.extract.engine import EngineOptions, Stage, run_stage
+from emimimic.extract.media import Failure
+from emimimic.extract.work import (
+    REPORT_HEADER,
+    TRANSCRIPT_COLUMN,
+    Clip,
+    WorkFolder,
+    file_sha256,
+    read_split_clips,
+    read_transcripts,
+    write_atomic,
+    write_csv,
+)
+
+#: Stages a work folder can hold, in the order they run.
+STAGES = ("visual", "audio", "asr", "text")
+
+
+@dataclass
+class ExtractOptions:
+    """Everything ``emimimic extract`` is asked to do (see ``emimimic extract --help``)."""
+
+    splits: dict[str, Path]
+    work: Path
+    store: Path | None = None
+    raw: Path | None = None
+    audio: Path | None = None
+    face_images: Path | None = None
+    modalities: tuple[str, ...] = MODALITIES
+    visual_model: str | None = None
+    visual_revision: str | None = None
+    visual_layer: str = "last"
+    visual_token: str = "cls"
+    fps: float = 5.0
+    detector: str = "haar"
+    face_margin: float = 0.2
+    frames_per_step: int = 64
+    audio_model: str | None = None
+    audio_revision: str | None = None
+    audio_layer: str = "last"
+    chunk_seconds: float = 30.0
+    context_seconds: float = 5.0
+    windows_per_step: int = 8
+    asr_model: str | None = None
+    asr_revision: str | None = None
+    asr_language: str | None = None
+    asr_max_tokens: int = 128
+    transcripts: Path | None = None
+    text_model: str | None = None
+    text_revision: str | None = None
+    text_layer: str = "last"
+    max_tokens: int = 512
+    empty_text: str = "missing"
+    bad_input: str = "record"
+    redo: tuple[str, ...] = ()
+    engine: EngineOptions = field(default_factory=EngineOptions)
+
+
+@dataclass
+class Summary:
+    """What a run left: per stage, clips with results and missing clips by reason."""
+
+    clips: int
+    done: dict[str, int]
+    missing: dict[str, dict[str, int]]
+    excluded: list[str]
+    store: Path | None
+    store_updated: bool
+
+    def lines(self) -> list[str]:
+        """Returns the summary as printed at the end of a run."""
+        out = [f"emimimic extract: {self.clips} clips"]
+        for stage, count in self.done.items():
+            reasons = self.missing.get(stage, {})
+            text = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items()))
+            out.append(f"  {stage}: {count} with results, {sum(reasons.values())} missing"
+                       + (f" ({text})" if text else ""))
+        if self.excluded:
+            out.append(f"  {len(self.excluded)} clip(s) with no data in any modality, left out of "
+                       f"the store: {', '.join(self.excluded[:10])}"
+                       + (" ..." if len(self.excluded) > 10 else ""))
+        if self.store is not None:
+            out.append(f"  store {self.store}: {'written' if self.store_updated else 'up to date'}")
+        return out
+
+
+def _normalised(record: Any) -> Any:
+    return json.loads(json.dumps(record, sort_keys=True))
+
+
+def _absolute(path: Path | None) -> Any:
+    return None if path is None else Path(path).expanduser().resolve()
+
+
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                ) or torch.distributed.get_rank() == 0
+
+
+def _check_inputs(opts: ExtractOptions) -> None:
+    unknown = sorted(set(opts.modalities) - set(MODALITIES))
+    if unknown:
+        raise UserError(f"--modality {unknown}: expected some of {list(MODALITIES)}")
+    bad = sorted(set(opts.redo) - set(STAGES))
+    if bad:
+        raise UserError(f"--redo {bad}: expected some of {list(STAGES)}")
+    if opts.bad_input not in ("record", "error"):
+        raise UserError(f"--bad-input {opts.bad_input!r}: expected 'record' or 'error'")
+    for option, folder in (("--raw", opts.raw), ("--audio", opts.audio),
+                           ("--face-images", opts.face_images)):
+        if folder is not None and not folder.is_dir():
+            raise UserError(f"{option} {folder}: folder not found")
+    needs = {"visual": [("--visual-model", opts.visual_model)],
+             "audio": [("--audio-model", opts.audio_model)],
+             "text": [("--text-model", opts.text_model)]
+             + ([] if opts.transcripts else [("--asr-model or --transcripts", opts.asr_model)])}
+    for m in opts.modalities:
+        for option, value in needs[m]:
+            if not value:
+                raise UserError(f"--modality {m} needs {option}")
+    if "visual" in opts.modalities and opts.raw is None and opts.face_images is None:
+        raise UserError("--modality visual needs --raw (videos) or --face-images")
+    audio_needed = "audio" in opts.modalities or ("text" in opts.modalities
+                                                  and not opts.transcripts)
+    if audio_needed and opts.raw is None and opts.audio is None:
+        raise UserError("audio and speech recognition need --raw (videos) or --audio")
+
+
+def _run(stage: Stage, clips: list[Clip], work: WorkFolder, opts: ExtractOptions) -> None:
+    recorded = work.provenance(stage.name)
+    wanted = _normalised(stage.provenance)
+    if recorded is not None and recorded != wanted:
+        changed = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+        raise UserError(f"{work.folder(stage.name)}: {stage.name} results made with other "
+                        f"settings (differing: {', '.join(changed)}); rerun with --redo "
+                        f"{stage.name} to replace them, or use another --work folder")
+    if recorded is None and _is_main_process():
+        work.save_provenance(stage.name, wanted)
+    run_stage(stage, clips, work, opts.engine, opts.bad_input)  # type: ignore[arg-type]
+
+
+def _transcripts_csv(clips: list[Clip], work: WorkFolder) -> bytes:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([ID_COLUMN, TRANSCRIPT_COLUMN])
+    for clip in clips:
+        writer.writerow([clip.id, work.transcript(clip.id) or ""])
+    return buf.getvalue().encode("utf-8")
+
+
+def _text(clips: list[Clip], work: WorkFolder, opts: ExtractOptions) -> None:
+    from emimimic.extract.text import parse_empty_text, text_stage
+
+    placeholder = parse_empty_text(opts.empty_text)
+    entries: dict[str, str | Failure] = {}
+    if opts.transcripts is not None:
+        given = read_transcripts(opts.transcripts)
+        lacking = [c.id for c in clips if c.id not in given]
+        if lacking:
+            raise UserError(f"{opts.transcripts}: no transcript for {len(lacking)} clip(s) "
+                            f"({', '.join(lacking[:5])}{' ...' if len(lacking) > 5 else ''}); "
+                            "add a row for each (an empty transcript is allowed)")
+        entries = {c.id: given[c.id] for c in clips}
+        source, sha, asr = str(opts.transcripts), file_sha256(opts.transcripts), None
+    else:
+        from emimimic.extract.asr import asr_stage
+
+        stage = asr_stage(opts.asr_model or "", opts.asr_revision, opts.asr_language,
+                          opts.asr_max_tokens, opts.audio, opts.raw)
+        _run(stage, clips, work, opts)
+        for clip in clips:
+            text = work.transcript(clip.id)
+            failure = work.failure("asr", clip.id)
+            entries[clip.id] = text if text is not None else (
+                failure or Failure("missing_file", "speech recognition gave no result"))
+        content = _transcripts_csv(clips, work)
+        path = work.root / "transcripts.csv"
+        if _is_main_process():
+            write_atomic(path, content)
+        source, sha, asr = str(path), hashlib.sha256(content).hexdigest(), stage.provenance
+    _run(text_stage(opts.text_model or "", opts.text_revision, opts.text_layer, opts.max_tokens,
+                    entries, source, sha, placeholder, asr), clips, work, opts)
+
+
+def _missing(clips: list[Clip], work: WorkFolder, stage: str) -> dict[str, Failure]:
+    return {c.id: f for c in clips if (f := work.failure(stage, c.id)) is not None}
+
+
+def _write_splits(opts: ExtractOptions, work: WorkFolder, excluded: set[str]) -> dict[str, Path]:
+    out = {}
+    for split, path in opts.splits.items():
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+        kept = [r for n, r in enumerate(rows[1:], start=2)
+                if r and normalise_id(r[0], f"{path}, line {n}") not in excluded]
+        if not kept:
+            raise UserError(f"{path}: no clip of split {split!r} has data in any modality "
+                            f"(see {work.root / 'report.csv'})")
+        out[split] = work.root / "splits" / f"{split}.csv"
+        write_csv(out[split], rows[0], kept)
+    return out
+
+
+def _publish(store: Path, work: WorkFolder, splits: dict[str, Path], modalities: dict[str, Path],
+             dims: dict[str, int], record: dict[str, Any], progress: bool) -> bool:
+    """Packs the store unless it is up to date; returns whether it was written."""
+    new, old = Path(f"{store}.new"), Path(f"{store}.old")
+    if not store.exists() and (new / "manifest.json").is_file():
+        os.replace(new, store)  # a crash between the two renames below
+    shutil.rmtree(old, ignore_errors=True)
+    if store.exists():
+        try:
+            current = FeatureStore(store).provenance.get("extract")
+        except StoreError as err:
+            raise UserError(f"{store}: exists but is not a readable store ({err}); remove it or "
+                            "choose another --store") from None
+        if current == _normalised(record["extract"]):
+            return False
+    target = new if store.exists() else store
+    if target == new:
+        shutil.rmtree(new, ignore_errors=True)
+    # pack resumes DEST.partial only for the same inputs; one of other inputs is ours to remove
+    pending = work.root / "pack.json"
+    fingerprint = json.dumps([str(target), _normalised(record)], sort_keys=True)
+    partial = Path(f"{target}.partial")
+    if partial.exists() and (not pending.is_file() or pending.read_text() != fingerprint):
+        shutil.rmtree(partial)
+    write_atomic(pending, fingerprint.encode("utf-8"))
+    pack(target, {s: str(p) for s, p in splits.items()},
+         {m: str(p) for m, p in modalities.items()}, missing="absent", targets=None, dims=dims,
+         provenance=record, progress=progress)
+    if target == new:
+        os.replace(store, old)
+        os.replace(new, store)
+        shutil.rmtree(old)
+    pending.unlink(missing_ok=True)
+    return True
+
+
+def extract(opts: ExtractOptions) -> Summary:
+    """Runs the requested stages, writes the report and packs the store; returns the summary.
+
+    Raises:
+        UserError: invalid options or inputs, or (``--bad-input error``) a bad clip.
+        StoreError: invalid split CSVs or features that ``pack`` refuses.
+    """
+    opts = replace(opts, splits={s: _absolute(p) for s, p in opts.splits.items()},
+                   work=_absolute(opts.work), store=_absolute(opts.store), raw=_absolute(opts.raw),
+                   audio=_absolute(opts.audio), face_images=_absolute(opts.face_images),
+                   transcripts=_absolute(opts.transcripts))
+    _check_inputs(opts)
+    clips = read_split_clips(opts.splits)
+    if not clips:
+        raise UserError("the split CSVs list no clips")
+    work = WorkFolder(opts.work)
+    if _is_main_process():
+        for stage in opts.redo:
+            work.clear(stage)
+    if "visual" in opts.modalities:
+        from emimimic.extract.visual import visual_stage
+
+        _run(visual_stage(opts.visual_model or "", opts.visual_revision, opts.visual_layer,
+                          opts.visual_token, opts.fps, opts.detector, opts.face_margin,
+                          opts.frames_per_step, opts.raw, opts.face_images), clips, work, opts)
+    if "audio" in opts.modalities:
+        from emimimic.extract.audio import audio_stage
+
+        _run(audio_stage(opts.audio_model or "", opts.audio_revision, opts.audio_layer,
+                         opts.chunk_seconds, opts.context_seconds, opts.windows_per_step,
+                         opts.audio, opts.raw), clips, work, opts)
+    if "text" in opts.modalities:
+        _text(clips, work, opts)
+    if not _is_main_process():
+        return Summary(len(clips), {}, {}, [], None, False)
+    return _finish(clips, work, opts)
+
+
+def _finish(clips: list[Clip], work: WorkFolder, opts: ExtractOptions) -> Summary:
+    split_of = {c.id: c.split for c in clips}
+    done: dict[str, int] = {}
+    missing: dict[str, dict[str, int]] = {}
+    report: list[list[str]] = []
+    packable: dict[str, Path] = {}
+    dims: dict[str, int] = {}
+    for stage in STAGES:
+        if work.provenance(stage) is None:
+            continue
+        failures = _missing(clips, work, stage)
+        have = [c.id for c in clips if work.result_file(stage, c.id).is_file()]
+        done[stage] = len(have)
+        missing[stage] = dict(Counter(f.reason for f in failures.values()))
+        report += [[clip, split_of[clip], stage, f.reason, f.detail]
+                   for clip, f in failures.items()]
+        if stage == "asr":
+            continue
+        if len(have) + len(failures) < len(clips):
+            print(f"warning: {work.folder(stage)} is incomplete ({len(have) + len(failures)} of "
+                  f"{len(clips)} clips); it is left out of the store: run --modality {stage}")
+            continue
+        if have:
+            packable[stage] = work.folder(stage)
+            dims[stage] = int(np.load(work.result_file(stage, have[0]), mmap_mode="r").shape[-1])
+    report_path = work.root / "report.csv"
+    write_csv(report_path, REPORT_HEADER, report)
+    with_data = {c.id for m in packable for c in clips if work.result_file(m, c.id).is_file()}
+    excluded = [c.id for c in clips if c.id not in with_data]
+    updated = False
+    if opts.store is not None:
+        if not packable:
+            raise UserError(f"{work.root}: no modality has complete results to pack into "
+                            f"{opts.store}")
+        splits = _write_splits(opts, work, set(excluded))
+        record = {"created_by": "emimimic extract", "extract": {
+            "work": str(work.root),
+            "splits": {s: {"csv": str(p), "sha256": file_sha256(p)}
+                       for s, p in opts.splits.items()},
+            "modalities": {m: work.provenance(m) for m in packable},
+            "asr": work.provenance("asr") if "text" in packable else None,
+            "missing": {m: missing.get(m, {}) for m in packable},
+            "excluded": excluded,
+            "report": str(report_path),
+        }}
+        updated = _publish(opts.store, work, splits, packable, dims, record, opts.engine.progress)
+    return Summary(len(clips), done, missing, excluded, opts.store, updated)

@@ -1,0 +1,148 @@
+"""Text stage: a transcript -> a language model's per-token hidden states (chosen layer).
+
+A clip whose transcript is empty has no text (reason ``empty_transcript``), unless
+``--empty-text placeholder=TEXT`` asks for the paper's choice of encoding TEXT instead. A clip
+whose speech recognition failed (e.g. no audio stream) has no text, for that same reason.
+Batches are padded on the right with an attention mask, which leaves a causal model's hidden
+states of the real tokens as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+
+from emimimic.errors import UserError
+from emimimic.extract.engine import (
+    ClipBatch,
+    Stage,
+    load_pretrained,
+    parse_layer,
+    select_layer,
+    to_numpy,
+    weights_sha256,
+)
+from emimimic.extract.media import BadClip, Failure
+from emimimic.extract.work import Clip
+
+
+def parse_empty_text(text: str) -> str | None:
+    """Returns the placeholder of ``--empty-text`` (None for ``missing``).
+
+    Raises:
+        UserError: neither ``missing`` nor ``placeholder=TEXT`` with a non-empty TEXT.
+    """
+    if text == "missing":
+        return None
+    key, sep, value = text.partition("=")
+    if key != "placeholder" or not sep or not value.strip():
+        raise UserError(f"--empty-text {text!r}: expected 'missing' or 'placeholder=TEXT'")
+    return value
+
+
+@dataclass
+class TokenBatch(ClipBatch):
+    """Token ids of a group's transcripts, right-padded.
+
+    Fields:
+        input_ids: int64 ``[B, L]``.
+        attention_mask: int64 ``[B, L]``, 1 on real tokens.
+        lengths: real tokens per clip of ``ids``.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    lengths: list[int]
+
+
+@dataclass
+class TokenPreparer:
+    """Tokenises a clip's transcript (or says why it has none).
+
+    ``transcripts`` maps every clip to its text, or to the failure that left it without one.
+    """
+
+    tokenizer: Any
+    transcripts: dict[str, str | Failure]
+    source: str
+    placeholder: str | None
+    max_tokens: int
+
+    def prepare(self, clip: Clip) -> list[int]:
+        """Returns the token ids of the clip's transcript.
+
+        Raises:
+            BadClip: the speech recognition's failure, or ``empty_transcript``.
+        """
+        entry = self.transcripts[clip.id]
+        if isinstance(entry, Failure):
+            raise BadClip(entry.reason, f"no transcript: {entry.detail}")
+        text = entry.strip()
+        if not text:
+            if self.placeholder is None:
+                raise BadClip("empty_transcript", f"clip {clip.id}: empty transcript in "
+                                                  f"{self.source}")
+            text = self.placeholder
+        ids = self.tokenizer(text, truncation=True, max_length=self.max_tokens)["input_ids"]
+        if not ids:
+            raise BadClip("empty_transcript", f"clip {clip.id}: transcript {text!r} in "
+                                              f"{self.source} gives no tokens")
+        return list(ids)
+
+    def collate(self, ids: list[str], items: list[list[int]], failures: dict[str, Failure]
+                ) -> TokenBatch:
+        """Returns the group's token ids, right-padded, with the attention mask."""
+        lengths = [len(x) for x in items]
+        longest = max(lengths, default=0)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(items), longest), 0 if pad is None else int(pad),
+                               dtype=torch.long)
+        mask = torch.zeros((len(items), longest), dtype=torch.long)
+        for n, tokens in enumerate(items):
+            input_ids[n, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            mask[n, :len(tokens)] = 1
+        return TokenBatch(ids, failures, input_ids, mask, lengths)
+
+
+class TokenEncoder(L.LightningModule):
+    """Runs a language model over token ids; returns each clip's real tokens' hidden states."""
+
+    def __init__(self, model: torch.nn.Module, name: str, layer: int | None) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.name = name
+        self.layer = layer
+
+    def predict_step(self, batch: TokenBatch, batch_idx: int = 0) -> dict[str, np.ndarray]:
+        """Returns ``{clip id: float32 [tokens, D]}`` for the batch's clips."""
+        if not batch.ids:
+            return {}
+        out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         output_hidden_states=self.layer is not None)
+        hidden = select_layer(out, self.layer, self.name)
+        return {clip: to_numpy(hidden[n, :t])
+                for n, (clip, t) in enumerate(zip(batch.ids, batch.lengths, strict=True))}
+
+
+def text_stage(model_name: str, revision: str | None, layer: str, max_tokens: int,
+               transcripts: dict[str, str | Failure], source: str, source_sha256: str | None,
+               placeholder: str | None, asr: dict[str, Any] | None) -> Stage:
+    """Returns the text stage: loads the language model and its tokenizer."""
+    from transformers import AutoModel, AutoTokenizer
+
+    model = load_pretrained(AutoModel, model_name, revision, "--text-model")
+    tokenizer = load_pretrained(AutoTokenizer, model_name, revision, "--text-model")
+    provenance = {
+        "model": model_name, "revision": revision, "weights_sha256": weights_sha256(model),
+        "layer": layer, "max_tokens": max_tokens, "transcripts": source,
+        "transcripts_sha256": source_sha256,
+        "empty_text": "missing" if placeholder is None else f"placeholder={placeholder}",
+        "asr": asr,
+    }
+    preparer = TokenPreparer(tokenizer, transcripts, source, placeholder, max_tokens)
+    return Stage("text", TokenEncoder(model, model_name, parse_layer(layer)), preparer,
+                 provenance)
