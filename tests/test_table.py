@@ -1,0 +1,150 @@
+"""`emimimic table`: config × seed runs through the real CLI; the CSV, the Markdown, the PNG."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+from scipy import stats as sps
+
+from emimimic.constants import EMOTIONS
+from emimimic.data.store import FeatureStore
+from emimimic.data.synth import synth
+from emimimic.errors import UserError
+from emimimic.experiments.table import main, split_argv
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+SEEDS = (0, 1, 2)
+ROWS = ("concat", "average")
+
+
+def test_split_argv_passes_dotted_options_and_the_rest_after_dashes():
+    own, passed = split_argv(["a.yaml", "--data.store", "S", "--seeds", "2", "b.yaml",
+                              "--trainer.max_epochs=2", "--trainer.enable_progress_bar", "false",
+                              "--", "--model.x", "1"])
+    assert own == ["a.yaml", "--seeds", "2", "b.yaml"]
+    assert passed == ["--data.store", "S", "--trainer.max_epochs=2",
+                      "--trainer.enable_progress_bar", "false", "--model.x", "1"]
+    for option in ("--trainer.default_root_dir", "--data.predict_split=test"):
+        with pytest.raises(UserError, match="is set by `emimimic table`"):
+            split_argv(["a.yaml", option, "X"])
+
+
+def test_refuses_rows_it_cannot_name(tmp_path):
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "same.yaml").write_text("{}\n")
+    with pytest.raises(UserError, match="both name the row 'same'"):
+        main([str(tmp_path / "x/same.yaml"), str(tmp_path / "y/same.yaml"), "--base",
+              str(QUICKSTART)])
+    with pytest.raises(UserError, match="--reference 'nope' is not a row"):
+        main([str(tmp_path / "x/same.yaml"), "--base", str(QUICKSTART), "--reference", "nope"])
+    with pytest.raises(UserError, match="no such config file"):
+        main([str(tmp_path / "missing.yaml"), "--base", str(QUICKSTART)])
+
+
+def _ckpt_mtimes(out: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in sorted(out.glob("*/checkpoints/*.ckpt"))}
+
+
+def _status(output: str) -> dict[str, str]:
+    """Returns run folder name -> the word the command printed for it (started, skipped...)."""
+    return dict(re.findall(r"^\[\d+/\d+\] (\S+): (\w+)", output, flags=re.M))
+
+
+@pytest.mark.slow
+def test_table_two_configs_three_seeds(tmp_path, capsys, monkeypatch):
+    # the runs are tiny: one thread each, or intra-op threads spin against each other (and any
+    # other job on a small shared machine), ~20x slower here
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    store = synth(tmp_path / "store", seed=0, counts={"train": 96, "valid": 64, "test": 32})
+    configs = []
+    for name in ROWS:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"model": {"network": {"fusion": name}}}))
+        configs.append(str(path))
+    out = tmp_path / "table"
+    argv = [*configs, "--base", str(QUICKSTART), "--seeds", "3", "--out", str(out),
+            "--resamples", "500", "--jobs", "2", "--data.store", str(store),
+            "--trainer.max_epochs", "2",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary", "false"]
+    main(argv)
+    runs = [f"{name}-seed{s}" for name in ROWS for s in SEEDS]
+    assert _status(capsys.readouterr().out) == dict.fromkeys(runs, "started")
+
+    # runs.csv: one row per run, every number recomputed here from the predictions and the store
+    table = pd.read_csv(out / "runs.csv")
+    assert list(table.columns) == ["config", "seed", "run", "best_epoch", "fit_val_pearson",
+                                   "mean_pearson", *EMOTIONS]
+    assert list(zip(table.config, table.seed, strict=True)) == [
+        (name, s) for name in ROWS for s in SEEDS]
+    view = FeatureStore(store).split("valid")
+    labels = pd.DataFrame(view.labels, index=view.ids, columns=list(EMOTIONS))
+    for _, row in table.iterrows():
+        folder = out / f"{row.config}-seed{row.seed}"
+        assert Path(row.run) == folder and (folder / "checkpoints" / "last.ckpt").is_file()
+        resolved = yaml.safe_load(next(folder.glob("logs/*/config.yaml")).read_text())
+        assert resolved["seed_everything"] == row.seed
+        assert resolved["model"]["network"]["fusion"] == row.config
+        preds = pd.read_csv(folder / "valid_predictions.csv", dtype={"Filename": str})
+        preds = preds.set_index("Filename").loc[labels.index]  # match by Filename
+        r = [sps.pearsonr(preds[t], labels[t]).statistic for t in EMOTIONS]
+        np.testing.assert_allclose(row[list(EMOTIONS)].to_numpy(float), r, atol=2e-6)
+        assert row.mean_pearson == pytest.approx(np.mean(r), abs=2e-6)
+        # predictions come from the best (EMA) checkpoint: they reproduce its logged val/pearson
+        assert row.mean_pearson == pytest.approx(row.fit_val_pearson, abs=1e-3)
+        assert row.best_epoch in (0, 1)
+    for name in ROWS:
+        assert table.loc[table.config == name, "mean_pearson"].nunique() == 3  # seeds differ
+
+    # table.md: the paper's layout, mean ± std over seeds, the reference and the intervals
+    md = (out / "table.md").read_text()
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    assert lines[0] == ("| Method | Seeds | Mean Pearson | Δ vs concat [95% CI] | "
+                        + " | ".join(EMOTIONS) + " |")
+    assert [line.split("|")[1].strip() for line in lines[2:]] == list(ROWS)
+    for line, name in zip(lines[2:], ROWS, strict=True):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        scores = table.loc[table.config == name, "mean_pearson"]
+        assert cells[1] == "3"
+        assert cells[2] == f"{scores.mean():.4f} ± {scores.std(ddof=1):.4f}"
+        joy = table.loc[table.config == name, "Joy"]
+        assert cells[-1] == f"{joy.mean():.4f} ± {joy.std(ddof=1):.4f}"
+    assert lines[2].split("|")[4].strip() == "reference"
+    diff, low, high = map(float, re.findall(r"[+-]\d\.\d{4}", lines[3].split("|")[4]))
+    expected = (table.loc[table.config == "average", "mean_pearson"].mean()
+                - table.loc[table.config == "concat", "mean_pearson"].mean())
+    assert diff == pytest.approx(expected, abs=1e-4) and low <= diff <= high
+    assert "SYNTHETIC" in md and "64 clips" in md and "500 resamples" in md
+
+    with Image.open(out / "table.png") as img:
+        assert img.format == "PNG" and img.size == (900, round(100 * (1.2 + 0.45 * 2)))
+
+    # a re-run trains nothing: every run is skipped and no checkpoint is touched
+    before, csv_before = _ckpt_mtimes(out), (out / "runs.csv").read_text()
+    main(argv)
+    assert _status(capsys.readouterr().out) == dict.fromkeys(runs, "skipped")
+    assert _ckpt_mtimes(out) == before and len(before) >= 12
+    assert (out / "runs.csv").read_text() == csv_before  # seeded bootstrap, same table
+
+    # an interrupted run (checkpoints, no predictions) resumes from last.ckpt; the rest is skipped
+    victim = out / "average-seed1"
+    (victim / "fit.done").unlink()
+    (victim / "valid_predictions.csv").unlink()
+    others = {k: v for k, v in before.items() if not k.startswith(str(victim))}
+    main(argv)
+    status = _status(capsys.readouterr().out)
+    assert status.pop("average-seed1") == "resumed"
+    assert status == dict.fromkeys([r for r in runs if r != "average-seed1"], "skipped")
+    assert "--ckpt_path last" in (victim / "fit.log").read_text()
+    assert (victim / "valid_predictions.csv").is_file()
+    assert {k: v for k, v in _ckpt_mtimes(out).items() if k in others} == others
+
+    # a changed setting is refused instead of mixing runs of two protocols in one table
+    with pytest.raises(UserError, match="was run with other settings"):
+        main([a if a != "2" else "3" for a in argv])
