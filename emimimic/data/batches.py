@@ -58,9 +58,9 @@ class FeatureBatch:
         target: float32 [B, K] labels, or None for an unlabelled split.
         ids: the B clip ids.
         windows: modality -> the distinct pooling windows of its clips
-            (:func:`emimimic.data.pooling.windows`). The loader computes them on the host, where
-            the lengths are, so a GPU never waits on index arithmetic; None computes them when
-            first asked for.
+            (:func:`emimimic.data.pooling.windows`). For a GPU the loader computes them on the
+            host, where the lengths are, so the device never waits on index arithmetic; None
+            computes them when first asked for (on the CPU).
     """
 
     rows: dict[str, Tensor]

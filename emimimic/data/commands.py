@@ -25,7 +25,12 @@ from emimimic.data.store import FeatureStore, StoreError, human_bytes
 from emimimic.data.synth import DEFAULT_COUNTS, DEMO_DIMS, PAPER_DIMS, synth
 
 
-def _pairs(values: Sequence[str], option: str) -> dict[str, str]:
+def parse_pairs(values: Sequence[str], option: str) -> dict[str, str]:
+    """Returns ``NAME=VALUE`` arguments of a repeated option as a dict.
+
+    Raises:
+        StoreError: a value without ``=``, or a name given twice (naming the option).
+    """
     out: dict[str, str] = {}
     for value in values:
         key, sep, rest = value.partition("=")
@@ -38,7 +43,7 @@ def _pairs(values: Sequence[str], option: str) -> dict[str, str]:
 
 
 def _dims(text: str) -> dict[str, int]:
-    pairs = _pairs(text.split(","), "--dims")
+    pairs = parse_pairs(text.split(","), "--dims")
     try:
         dims = {m: int(d) for m, d in pairs.items()}
     except ValueError as err:
@@ -100,9 +105,10 @@ def _synth_parser() -> argparse.ArgumentParser:
 def pack_main(argv: Sequence[str]) -> None:
     """Runs ``emimimic pack`` and prints a summary of the new store."""
     args = _pack_parser().parse_args(list(argv))
-    dest = pack(args.dest, _pairs(args.split, "--split"), _pairs(args.modality, "--modality"),
+    dest = pack(args.dest, parse_pairs(args.split, "--split"),
+                parse_pairs(args.modality, "--modality"),
                 missing=args.missing, targets=_targets(args.targets),
-                provenance=_pairs(args.provenance, "--provenance"), progress=not args.quiet,
+                provenance=parse_pairs(args.provenance, "--provenance"), progress=not args.quiet,
                 workers=args.workers)
     print(info(str(dest)))
 

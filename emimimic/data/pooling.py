@@ -146,6 +146,7 @@ class Windows:
         weight: [W] float32, the share of the clip's 128 steps that use the window.
         step: [B, 128] int64, the window each step of each clip uses.
         rows_only: every clip has 128 stored rows, so window k is row k (no gather needed).
+        any_absent: some clip of the batch is absent (its window must be zeroed).
     """
 
     first: Tensor
@@ -155,17 +156,24 @@ class Windows:
     weight: Tensor
     step: Tensor
     rows_only: bool = False
+    any_absent: bool = True
 
-    def gather(self, rows: Tensor) -> Tensor:
-        """Returns the windows' inputs [W, D] in float32: rows, or float16-rounded means of two."""
+    def gather(self, rows: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Returns the windows' inputs [W, D]: rows, or float16-rounded means of two rows.
+
+        Args:
+            rows: the batch's stored rows [R, D] (float16 from the store).
+            dtype: the result's dtype; ``rows.dtype`` avoids any conversion (and, when every clip
+                has 128 rows, returns ``rows`` itself).
+        """
         if rows.shape[0] == 0:
-            return rows.new_zeros(self.first.shape[0], rows.shape[1], dtype=torch.float32)
-        if self.rows_only:
-            return rows.float()  # every clip has 128 stored rows: the windows are the rows
+            return rows.new_zeros(self.first.shape[0], rows.shape[1], dtype=dtype)
+        if self.rows_only:  # every clip has 128 stored rows: the windows are the rows
+            return rows if dtype == rows.dtype else rows.to(dtype)
         limit = rows.shape[0] - 1
         first, last = self.first.clamp(max=limit), self.last.clamp(max=limit)
-        out = _mean_pairs(rows, first, last, rows.index_select(0, first).float())
-        return out.masked_fill_(self.absent[:, None], 0.0)
+        out = _mean_pairs(rows, first, last, rows.index_select(0, first).to(dtype))
+        return out.masked_fill_(self.absent[:, None], 0.0) if self.any_absent else out
 
     def mean(self, values: Tensor) -> Tensor:
         """Returns the per-clip mean over 128 steps [B, H] of per-window ``values`` [W, H].
@@ -198,7 +206,9 @@ def windows(lengths: Tensor) -> Windows:
         0, clip)
     row_start = (torch.cumsum(lengths, 0) - lengths).index_select(0, clip)
     # known without a device synchronisation when the lengths are on the host (the loader's case)
-    rows_only = device.type == "cpu" and bool((lengths == STEPS).all())
+    on_host = device.type == "cpu"
+    rows_only = on_host and bool((lengths == STEPS).all())
+    any_absent = not on_host or bool((lengths == 0).any())
     return Windows(
         first=row_start + _on(device, WINDOW_FIRST).view(-1).index_select(0, flat),
         last=row_start + _on(device, WINDOW_LAST).view(-1).index_select(0, flat),
@@ -207,4 +217,5 @@ def windows(lengths: Tensor) -> Windows:
         weight=_on(device, WINDOW_WEIGHT).view(-1).index_select(0, flat),
         step=win_start[:, None] + _on(device, WINDOW_OF_STEP).index_select(0, lengths),
         rows_only=rows_only,
+        any_absent=any_absent,
     )
