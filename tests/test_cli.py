@@ -349,3 +349,32 @@ def test_fit_tells_the_story_and_it_matches_the_log(store, tmp_path, capsys):
     cli_main(_quickstart("validate", store, root, "--ckpt_path", "best"))
     out = capsys.readouterr().out
     assert f"validation: val/pearson {log.loc[best, 'val/pearson']:.4f}" in out
+
+
+@pytest.mark.parametrize("command", ["validate", "test", "predict"])
+def test_evaluation_without_a_checkpoint_is_refused(command, store, tmp_path, capsys):
+    err = _main_error(capsys, *_quickstart(command, store, tmp_path / "run"))
+    assert f"`emimimic {command}` needs the weights to evaluate: pass --ckpt_path" in err
+    assert not (tmp_path / "run" / "submission.csv").exists()
+
+
+def test_allow_untrained_evaluates_fresh_weights_on_purpose(store, tmp_path):
+    cli = cli_main(_quickstart("validate", store, tmp_path / "run", "--allow_untrained", "true"))
+    assert "val/pearson" in cli.trainer.callback_metrics
+
+
+def test_the_checkpoint_decides_the_model(store, tmp_path, capsys):
+    root = tmp_path / "run"
+    cli_main(_quickstart("fit", store, root, "--trainer.max_epochs", "1",
+                         "--model.network.pooling", "attention", "--data.modalities", "[text]",
+                         "--model.network.vad", "false"))
+    # no structure options repeated: they come from the checkpoint
+    out = tmp_path / "sub.csv"
+    cli = cli_main(_quickstart("predict", store, root, "--ckpt_path", "best",
+                               "--submission.path", str(out)))
+    assert cli.model.hparams.network["pooling"] == "attention"
+    assert list(cli.model.hparams.dims) == ["text"] and out.is_file()
+    # an explicit option that contradicts the checkpoint is refused, naming both values
+    err = _main_error(capsys, *_quickstart("validate", store, root, "--ckpt_path", "best",
+                                           "--model.network.temporal", "true"))
+    assert "--model.network.temporal True conflicts with the checkpoint's False" in err

@@ -193,3 +193,22 @@ def test_weights_only_checkpoints_are_refused_with_ema(demo_store, tmp_path):
     with pytest.raises(ValueError, match="save_weights_only"):
         trainer.fit(model, datamodule=data)
     assert not list(tmp_path.iterdir())
+
+
+def test_score_raw_logs_the_raw_weights_pearson(demo_store, tmp_path):
+    from emimimic.training import LastCheckpoint
+
+    seed_everything(0)
+    data = EMIDataModule(str(demo_store), batch_size=32)
+    model = EMIModule(dims=data.dims, targets=data.targets, optimizer=adamw(3e-3))
+    trainer = _trainer(max_epochs=2, callbacks=[EMA(decay=0.9, score_raw=True),
+                                                LastCheckpoint(dirpath=str(tmp_path))])
+    trainer.fit(model, datamodule=data)
+    raw, ema = (float(trainer.callback_metrics[k]) for k in ("val/pearson_raw", "val/pearson"))
+    # the raw weights at the last validation are the checkpoint's current_model_state
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    fresh = EMIModule(dims=data.dims, targets=data.targets)
+    fresh.load_state_dict(last["current_model_state"])
+    scored = _trainer().validate(fresh, datamodule=data, verbose=False)[0]["val/pearson"]
+    assert raw == pytest.approx(scored, abs=1e-6)
+    assert abs(raw - ema) > 1e-4  # the EMA weights score differently: two things were measured

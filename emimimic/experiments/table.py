@@ -46,6 +46,7 @@ import yaml
 
 from emimimic.errors import UserError
 from emimimic.experiments import stats
+from emimimic.experiments.summary import best_of, markdown, read_predictions, summarise
 
 #: Options this command sets on every run; users choose them through the table's own options.
 OWN_OPTIONS = ("--seed_everything", "--trainer.default_root_dir", "--ckpt_path",
@@ -281,74 +282,6 @@ def execute(run: Run, base: str, overrides: Sequence[str], label: str) -> None:
                 run.folder / "predict.log", "predict", run)
 
 
-def read_predictions(path: Path, ids: Sequence[str], targets: Sequence[str]) -> np.ndarray:
-    """Returns a run's predictions ``[N, K]`` in the order of ``ids``, matched by ``Filename``."""
-    frame = pd.read_csv(path, dtype={"Filename": str})
-    expected = ["Filename", *targets]
-    if list(frame.columns) != expected:
-        raise UserError(f"{path}: header {list(frame.columns)}, expected {expected}")
-    frame = frame.set_index("Filename")
-    if frame.index.has_duplicates:
-        raise UserError(f"{path}: clips {sorted(frame.index[frame.index.duplicated()])[:5]} "
-                        "appear more than once")
-    missing = sorted(set(ids) - set(frame.index))
-    extra = sorted(set(frame.index) - set(ids))
-    if missing or extra:
-        raise UserError(f"{path}: predictions do not cover the split (missing {missing[:5]}, "
-                        f"unknown {extra[:5]})")
-    return frame.loc[list(ids), list(targets)].to_numpy(dtype=np.float64)
-
-
-def best_of(run: Run) -> tuple[int, float]:
-    """Returns the best checkpoint's epoch (0-based, as Lightning logs it) and its val score."""
-    import torch
-
-    from emimimic.cli import best_checkpoint
-
-    state = torch.load(best_checkpoint(str(run.checkpoints)), map_location="cpu",
-                       weights_only=True)
-    score = math.nan
-    for key, value in state.get("callbacks", {}).items():
-        if key.startswith("ModelCheckpoint") and value.get("best_model_score") is not None:
-            score = float(value["best_model_score"])
-    return int(state["epoch"]), score
-
-
-def _cell(mean: float, std: float) -> str:
-    return f"{mean:.4f} ± {std:.4f}" if math.isfinite(std) else f"{mean:.4f}"
-
-
-def markdown(summary: pd.DataFrame, targets: Sequence[str], reference: str, note: str) -> str:
-    """Returns the table in the paper's layout (rows: configs; columns: mean r, CI, targets)."""
-    conf = summary["confidence"].iloc[0]
-    head = ["Method", "Seeds", "Mean Pearson", f"Δ vs {reference} [{conf:.0%} CI]", *targets]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1))
-             + "|"]
-    for name, row in summary.iterrows():
-        delta = ("reference" if name == reference else
-                 f"{row['difference']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}]")
-        cells = [str(name), str(int(row["seeds"])), _cell(row["mean"], row["std"]), delta]
-        cells += [_cell(row[f"{t} mean"], row[f"{t} std"]) for t in targets]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n" + note + "\n"
-
-
-def summarise(runs: pd.DataFrame, targets: Sequence[str],
-              intervals: dict[str, stats.Interval]) -> pd.DataFrame:
-    """Returns one row per config: seeds, mean ± std of the mean and per-target r, and the CI."""
-    rows = {}
-    for name, group in runs.groupby("config", sort=False):
-        row: dict[str, float] = {"seeds": len(group)}
-        row["mean"], row["std"] = stats.mean_std(group["mean_pearson"])
-        for t in targets:
-            row[f"{t} mean"], row[f"{t} std"] = stats.mean_std(group[t])
-        ci = intervals[str(name)]
-        row.update(difference=ci.difference, low=ci.low, high=ci.high,
-                   confidence=ci.confidence)
-        rows[name] = row
-    return pd.DataFrame.from_dict(rows, orient="index")
-
-
 def _score(runs: Sequence[Run], names: Sequence[str], ids: Sequence[str], labels: np.ndarray,
            targets: Sequence[str], reference: str, args: argparse.Namespace
            ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -361,7 +294,7 @@ def _score(runs: Sequence[Run], names: Sequence[str], ids: Sequence[str], labels
             r = stats.pearson(p, labels, targets)
         for w in caught:
             print(f"note: {run.folder.name}: {w.message}", flush=True)
-        epoch, fit_score = best_of(run)
+        epoch, fit_score = best_of(run.checkpoints)
         if math.isfinite(fit_score) and abs(fit_score - r.mean()) > SCORE_TOLERANCE:
             print(f"note: {run.folder.name}: mean Pearson of its predictions {r.mean():.4f} "
                   f"differs from the val/pearson {fit_score:.4f} of its best checkpoint",

@@ -16,6 +16,7 @@ import importlib.util
 from pathlib import Path
 
 from emimimic.constants import MODALITIES
+from emimimic.data.commands import parse_pairs
 from emimimic.errors import UserError
 
 #: Import names of what only extraction needs, with the distribution that provides each.
@@ -37,15 +38,7 @@ def require_extra() -> None:
 
 
 def _pairs(values: list[str], option: str) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for value in values:
-        key, sep, rest = value.partition("=")
-        if not sep or not key or not rest:
-            raise UserError(f"{option} {value!r}: expected NAME=PATH")
-        if key in out:
-            raise UserError(f"{option} {key!r} given twice")
-        out[key] = Path(rest)
-    return out
+    return {k: Path(v) for k, v in parse_pairs(values, option).items()}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -74,10 +74,16 @@ def _check_not_empty(path: Path) -> None:
         raise BadClip("empty", f"{path}: zero-byte file")
 
 
-def _check_has_streams(path: Path, container: Any) -> None:
+def _first_stream(path: Path, container: Any, kind: str) -> Any:
+    """Returns the container's first ``kind`` ("video" or "audio") stream, or raises BadClip."""
     # a video muxed with no frames (a zero-length clip) keeps no streams at all
     if not container.streams:
         raise BadClip("empty", f"{path}: no streams (a zero-length clip)")
+    streams = getattr(container.streams, kind)
+    if not streams:
+        raise BadClip(f"no_{kind}", f"{path}: no {kind} stream "
+                                    f"(streams: {[s.type for s in container.streams]})")
+    return streams[0]
 
 
 def clip_audio(clip: str, audio_dir: Path | None, raw_dir: Path | None,
@@ -110,11 +116,7 @@ def decode_frames(path: Path, fps: float | None) -> list[np.ndarray]:
     _check_not_empty(path)
     try:
         with av.open(str(path)) as container:
-            _check_has_streams(path, container)
-            if not container.streams.video:
-                raise BadClip("no_video", f"{path}: no video stream "
-                                          f"(streams: {[s.type for s in container.streams]})")
-            stream = container.streams.video[0]
+            stream = _first_stream(path, container, "video")
             stream.thread_type = "AUTO"
             next_time = 0.0
             for n, frame in enumerate(container.decode(stream)):
@@ -142,11 +144,7 @@ def decode_audio(path: Path, rate: int = 16000) -> np.ndarray:
     _check_not_empty(path)
     try:
         with av.open(str(path)) as container:
-            _check_has_streams(path, container)
-            if not container.streams.audio:
-                raise BadClip("no_audio", f"{path}: no audio stream "
-                                          f"(streams: {[s.type for s in container.streams]})")
-            stream = container.streams.audio[0]
+            stream = _first_stream(path, container, "audio")
             resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
             for frame in container.decode(stream):
                 chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))

@@ -180,7 +180,11 @@ class ModalityBranch(nn.Module):
         if rows.ndim != 2 or rows.shape[-1] != self.in_dim:
             raise ValueError(f"expected rows of shape [R, {self.in_dim}], got {tuple(rows.shape)}")
         norm, linear, act, drop = self.projector
-        x = win.gather(rows).to(linear.weight.dtype)
+        # Under autocast the window inputs stay float16 (exact copies of the store's values):
+        # normalising them in float16 costs less than a float32 copy, and the matmul rounds to
+        # the autocast dtype anyway. Otherwise they are the parameters' dtype (float32).
+        mixed = rows.dtype == torch.float16 and torch.is_autocast_enabled(rows.device.type)
+        x = win.gather(rows, rows.dtype if mixed else linear.weight.dtype)
         h = act(norm_linear(x, norm, linear))  # each distinct window projected once
         if self.training or self.temporal is not None or not isinstance(self.pool, MeanPooling):
             # dropout after the gather, so each step gets its own mask as on a dense input

@@ -12,7 +12,8 @@ and with ``G = gyᵀ x̂`` and ``s = Σ_rows gy`` every parameter gradient follo
     dW = G diag γ + s βᵀ,   db = s,   dγ = Σ_h W ⊙ G,   dβ = Wᵀ s.
 
 One matmul in the backward instead of two, and γ, β are folded into the forward's weights. Under
-autocast the two matmuls run in the autocast dtype, as autograd's would; x̂ is computed in float32.
+autocast the two matmuls run in the autocast dtype, as autograd's would; x̂ is computed in float32
+(from a float16 input under autocast, in float16 with float32 statistics).
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ class _NormLinear(torch.autograd.Function):
                 eps: float) -> Tensor:
         dtype = _autocast_dtype(x.device) or weight.dtype
         with torch.autocast(x.device.type, enabled=False):
-            xhat = F.layer_norm(x.float(), (x.shape[-1],), eps=eps).to(dtype)
+            # a float16 input (mixed precision) is normalised as it is, with float32 statistics
+            src = x if x.dtype == torch.float16 and dtype != weight.dtype else x.float()
+            xhat = F.layer_norm(src, (x.shape[-1],), eps=eps).to(dtype)
             w = (weight * gamma).to(dtype)  # W diag(γ): scales column d by γ_d
             b = torch.addmv(bias, weight, beta).to(dtype)
             y = torch.addmm(b, xhat, w.t())
