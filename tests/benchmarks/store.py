@@ -8,7 +8,7 @@ tokens, ~5% clips without text) in a temporary folder it removes afterwards, the
   (17,246 clips), and the mean text length at which the full store would exceed 12e9 bytes;
 * the shuffled training loader (``EMIDataModule.train_dataloader``, num_workers 0 and 2), timed
   over the whole path to a materialised compact batch in the main process: DataLoader iteration
-  (plans; workers, if any, prefetch into the page cache) plus ``EMIDataModule.read_plan`` (what
+  (plans; workers, if any, prefetch into the page cache) plus ``EMIDataModule.read`` (what
   ``on_before_batch_transfer`` runs), in samples/s and GB/s of stored bytes. Its ratio is printed
   against two sequential reads of the same stored bytes in the same run (warm page cache):
 
@@ -19,8 +19,8 @@ tokens, ~5% clips without text) in a temporary folder it removes afterwards, the
     loader allocates its batches (page faults included);
 
   a memmap copy of the same bytes is printed too, for reference;
-* the separate cost of ``expand_batch`` on the CPU (compact rows -> [B, 128, D]), which a training
-  run pays on its device after the transfer (on a GPU under Lightning), not in the loader;
+* the separate cost of expanding batches to [B, 128, D] on the CPU (``FeatureBatch.dense``), which
+  the model no longer needs;
 * resident memory growth (VmRSS from /proc) over an extra, untimed epoch, main process and workers.
 
 Usage: ``python tests/benchmarks/store.py --clips 2000 [--batch-size 32] [--workers 0 2]
@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from emimimic.constants import STEPS
-from emimimic.data.datamodule import EMIDataModule, batch_buffers, expand_batch
+from emimimic.data.datamodule import EMIDataModule
+from emimimic.data.dataset import batch_buffers
 from emimimic.data.store import FeatureStore
 from emimimic.data.synth import PAPER_DIMS, synth
 
@@ -170,25 +171,24 @@ def size_report(store: FeatureStore) -> None:
         print(f"  if mean text length were {mean_t:>2} tokens: full store {est / 1e9:.2f} GB")
 
 
-def batch_bytes(batch: dict) -> int:
-    """Returns the bytes of stored rows a compact batch carries."""
-    return sum(t.numel() * t.element_size() for t in batch["rows"].values())
+def batch_bytes(batch) -> int:
+    """Returns the bytes of stored rows a batch carries."""
+    return sum(t.numel() * t.element_size() for t in batch.rows.values())
 
 
 def epoch_report(store_path: Path, workers: int, batch_size: int, epochs: int,
                  baselines: dict[str, tuple[float, int]]) -> None:
     """Times ``epochs`` shuffled epochs up to compact batches in the main process (DataLoader
-    plans + ``read_plan``); then one untimed epoch, doing the same, for resident memory."""
-    dm = EMIDataModule(str(store_path), batch_size=batch_size, num_workers=workers,
-                       val_split=None, test_split=None, predict_split=None)
+    plans + ``read``); then one untimed epoch, doing the same, for resident memory."""
+    dm = EMIDataModule(str(store_path), batch_size=batch_size, num_workers=workers)
     loader = dm.train_dataloader()
     best = (math.inf, 0, 0)
     for epoch in range(epochs):
         clips = served = 0
         start = time.perf_counter()
         for plan in loader:
-            batch = dm.read_plan(plan)  # what on_before_batch_transfer does under a Trainer
-            clips += len(batch["ids"])
+            batch = dm.read(plan)  # what on_before_batch_transfer does under a Trainer
+            clips += len(batch)
             served += batch_bytes(batch)
             del batch, plan
         seconds = time.perf_counter() - start
@@ -211,7 +211,7 @@ def epoch_report(store_path: Path, workers: int, batch_size: int, epochs: int,
     worker_first: dict[int, int] = {}
     worker_peak: dict[int, int] = {}
     for plan in loader:  # untimed: reading /proc after every batch costs time itself
-        batch = dm.read_plan(plan)
+        batch = dm.read(plan)
         del batch, plan
         now = rss_kib()
         if now["VmRSS"] > peak_main["VmRSS"]:
@@ -255,15 +255,14 @@ def cold_report(store_path: Path, files: list[Path], workers_list: list[int],
     seconds, nbytes = sequential_read(files)
     print(f"cold cache, sequential read (8 MiB chunks): {nbytes / seconds / 1e9:.2f} GB/s")
     for workers in workers_list:
-        dm = EMIDataModule(str(store_path), batch_size=batch_size, num_workers=workers,
-                           val_split=None, test_split=None, predict_split=None)
+        dm = EMIDataModule(str(store_path), batch_size=batch_size, num_workers=workers)
         loader = dm.train_dataloader()
         drop_page_cache()
         clips = served = 0
         start = time.perf_counter()
         for plan in loader:
-            batch = dm.read_plan(plan)
-            clips += len(batch["ids"])
+            batch = dm.read(plan)
+            clips += len(batch)
             served += batch_bytes(batch)
         elapsed = time.perf_counter() - start
         print(f"cold cache, train loader, num_workers={workers}, shuffled: {clips / elapsed:,.0f} "
@@ -273,22 +272,21 @@ def cold_report(store_path: Path, files: list[Path], workers_list: list[int],
 
 
 def expand_report(store_path: Path, batch_size: int, batches: int = 8) -> None:
-    """Times ``expand_batch`` on the CPU over a few compact batches (the work moved out of the
-    loader: on a GPU it runs there after the transfer)."""
-    dm = EMIDataModule(str(store_path), batch_size=batch_size, num_workers=0,
-                       val_split=None, test_split=None, predict_split=None)
-    compact = [dm.read_plan(b) for _, b in zip(range(batches), dm.train_dataloader(),
-                                                strict=False)]
-    expand_batch(compact[0])  # warm-up
-    clips = sum(len(b["ids"]) for b in compact)
+    """Times expanding batches to [B, 128, D] on the CPU (``FeatureBatch.dense``): work the
+    model no longer needs (it projects distinct windows), kept for code that wants dense input."""
+    dm = EMIDataModule(str(store_path), batch_size=batch_size, num_workers=0)
+    compact = [dm.read(b) for _, b in zip(range(batches), dm.train_dataloader(), strict=False)]
+    compact[0].dense("text")  # warm-up
+    clips = sum(len(b) for b in compact)
     start = time.perf_counter()
     out = 0
     for b in compact:
-        out += sum(t.numel() * t.element_size() for t in expand_batch(b)["features"].values())
+        out += sum(b.dense(m).numel() * 2 for m in b.modalities)
     seconds = time.perf_counter() - start
-    print(f"expand_batch on the CPU ({torch.get_num_threads()} threads; NOT part of the loader "
-          f"figures): {clips} clips in {seconds:.3f} s = {clips / seconds:,.0f} samples/s, "
-          f"writing {out / seconds / 1e9:.2f} GB/s of [B,128,D] float16")
+    print(f"FeatureBatch.dense on the CPU ({torch.get_num_threads()} threads; NOT part of the "
+          f"loader figures, not needed by the model): {clips} clips in {seconds:.3f} s = "
+          f"{clips / seconds:,.0f} samples/s, writing {out / seconds / 1e9:.2f} GB/s of "
+          "[B,128,D] float16")
 
 
 def main() -> None:
