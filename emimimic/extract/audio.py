@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import lightning.pytorch as L
 import numpy as np
 import torch
 
 from emimimic.extract.engine import (
     ClipBatch,
+    LayerEncoder,
     Stage,
     load_pretrained,
     parse_layer,
@@ -154,13 +154,10 @@ class WavePreparer:
         return WaveBatch(ids, failures, items, windows)
 
 
-class SpeechEncoder(L.LightningModule):
+class SpeechEncoder(LayerEncoder):
     """Encodes audio windows with a speech model; joins each clip's kept frames.
 
-    Args:
-        model: a Hugging Face speech encoder (``AutoModel``).
-        name: its name or path, for messages.
-        layer: index into ``hidden_states``, or None for ``last_hidden_state``.
+    Args (beyond :class:`~emimimic.extract.engine.LayerEncoder`'s, for a speech ``AutoModel``):
         windows_per_step: windows per forward pass when padding is allowed.
         front: the model's front end when windows of different lengths may share a forward
             pass (zero padding with an attention mask, for models whose feature extractor asks
@@ -169,10 +166,7 @@ class SpeechEncoder(L.LightningModule):
 
     def __init__(self, model: torch.nn.Module, name: str, layer: int | None,
                  windows_per_step: int, front: FrontEnd | None) -> None:
-        super().__init__()
-        self.model = model.eval()
-        self.name = name
-        self.layer = layer
+        super().__init__(model, name, layer)
         self.front = front
         self.windows_per_step = windows_per_step if front is not None else 1
 

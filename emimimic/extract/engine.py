@@ -161,6 +161,24 @@ class StageProgressBar(TQDMProgressBar):
         return self.title
 
 
+class LayerEncoder(L.LightningModule):
+    """A Hugging Face encoder run by ``Trainer.predict`` that returns one chosen layer.
+
+    Subclasses define ``predict_step`` (returning ``{clip id: float32 [frames, D]}``).
+
+    Args:
+        model: the Hugging Face model (put in eval mode).
+        name: its name or path, for messages.
+        layer: index into ``hidden_states``, or None for ``last_hidden_state``.
+    """
+
+    def __init__(self, model: torch.nn.Module, name: str, layer: int | None) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.name = name
+        self.layer = layer
+
+
 def groups_of(clips: Sequence[Clip], size: int) -> list[list[Clip]]:
     """Returns ``clips`` cut into consecutive groups of ``size`` (the last may be shorter)."""
     return [list(clips[i:i + size]) for i in range(0, len(clips), size)]

@@ -12,13 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import lightning.pytorch as L
 import numpy as np
 import torch
 
 from emimimic.errors import UserError
 from emimimic.extract.engine import (
     ClipBatch,
+    LayerEncoder,
     Stage,
     load_pretrained,
     parse_layer,
@@ -108,14 +108,11 @@ class TokenPreparer:
         return TokenBatch(ids, failures, input_ids, mask, lengths)
 
 
-class TokenEncoder(L.LightningModule):
-    """Runs a language model over token ids; returns each clip's real tokens' hidden states."""
+class TokenEncoder(LayerEncoder):
+    """Runs a language model over token ids; returns each clip's real tokens' hidden states.
 
-    def __init__(self, model: torch.nn.Module, name: str, layer: int | None) -> None:
-        super().__init__()
-        self.model = model.eval()
-        self.name = name
-        self.layer = layer
+    Arguments as :class:`~emimimic.extract.engine.LayerEncoder`.
+    """
 
     def predict_step(self, batch: TokenBatch, batch_idx: int = 0) -> dict[str, np.ndarray]:
         """Returns ``{clip id: float32 [tokens, D]}`` for the batch's clips."""

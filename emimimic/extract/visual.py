@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as L
 import numpy as np
 import torch
 
 from emimimic.extract.engine import (
     ClipBatch,
+    LayerEncoder,
     Stage,
     load_pretrained,
     parse_layer,
@@ -97,23 +97,17 @@ class FramePreparer:
         return FrameBatch(ids, failures, counts, pixels)
 
 
-class FrameEncoder(L.LightningModule):
-    """Encodes face crops with an image model; one vector per crop.
+class FrameEncoder(LayerEncoder):
+    """Encodes face crops with an image model (``AutoModel``); one vector per crop.
 
-    Args:
-        model: a Hugging Face image model (``AutoModel``).
-        name: its name or path, for messages.
-        layer: index into ``hidden_states``, or None for ``last_hidden_state``.
+    Args (beyond :class:`~emimimic.extract.engine.LayerEncoder`'s):
         token: how a crop's tokens become one vector (see :data:`TOKEN_POOLING`).
         frames_per_step: crops per forward pass (bounds device memory whatever the clip length).
     """
 
     def __init__(self, model: torch.nn.Module, name: str, layer: int | None,
                  token: Literal["cls", "mean", "pooler"], frames_per_step: int) -> None:
-        super().__init__()
-        self.model = model.eval()
-        self.name = name
-        self.layer = layer
+        super().__init__(model, name, layer)
         self.token = token
         self.frames_per_step = frames_per_step
 
