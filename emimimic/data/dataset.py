@@ -38,20 +38,19 @@ def batch_buffers(shapes: Sequence[tuple[int, int]], pin_memory: bool = False
 
 
 def _batch(rows: dict[str, torch.Tensor], plan: BatchPlan, device: torch.device) -> FeatureBatch:
-    """Returns the FeatureBatch of ``plan`` with ``rows``, its small tensors on ``device``.
+    """Returns the FeatureBatch of ``plan`` with ``rows`` (its small tensors on the host).
 
-    For a batch bound for an accelerator the pooling windows are computed here, on the host
-    where the lengths are, so the device never waits on index arithmetic; on the CPU the model
-    computes them when it needs them (the same work, outside the loader).
+    For a batch bound for an accelerator (``device``) the pooling windows are computed here, on
+    the host where the lengths are, so the device never waits on index arithmetic; on the CPU
+    the model computes them when it needs them (the same work, outside the loader).
     """
     lengths = {m: torch.as_tensor(c) for m, c in plan.lengths.items()}
     batch = FeatureBatch(rows=rows, lengths=lengths,
                          target=None if plan.target is None else torch.as_tensor(plan.target),
                          ids=list(plan.ids))
-    if device.type == "cpu":
-        return batch
-    batch.windows = {m: windows(n) for m, n in lengths.items()}
-    return batch.to(device)
+    if device.type != "cpu":
+        batch.windows = {m: windows(n) for m, n in lengths.items()}
+    return batch
 
 
 class FeatureDataset(Dataset):
@@ -123,10 +122,7 @@ class FeatureDataset(Dataset):
         rows = dict(zip(shapes, batch_buffers(list(shapes.values()), pin_memory), strict=True))
         for m, out in rows.items():
             self.view.read_rows(m, plan.indices, out=out.numpy())
-        batch = _batch(rows, plan, torch.device("cpu"))
-        if device is not None and device.type != "cpu":
-            batch.windows = {m: windows(n) for m, n in batch.lengths.items()}
-        return batch
+        return _batch(rows, plan, torch.device("cpu") if device is None else device)
 
 
 class ResidentSplit:
@@ -162,4 +158,4 @@ class ResidentSplit:
             offset = torch.cumsum(lengths, 0) - lengths
             row = self.starts[m][idx][clip] + torch.arange(total, device=self.device) - offset[clip]
             rows[m] = self.rows[m].index_select(0, row)
-        return _batch(rows, plan, self.device)
+        return _batch(rows, plan, self.device).to(self.device)
