@@ -20,6 +20,7 @@ from emimimic.training.checkpoints import (
     adopt_checkpoint_model,
     best_checkpoint,
     check_data_fits,
+    checkpoint_epoch,
     checkpoint_hparams,
     metrics_rows_until,
     resolve_checkpoint,
@@ -86,6 +87,26 @@ class EMICLI(LightningCLI):
             }
         )
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parses, then lets ``--ckpt_path best|last|FILE`` decide the model (one rule for all).
+
+        Here, before Lightning merges a checkpoint file's hyper-parameters into the config (which
+        would drop a conflicting explicit option silently), the checkpoint is resolved, opened
+        through the one checked loader, and its model compared with the options given.
+        """
+        super().parse_arguments(parser, args)
+        self._checkpoint_hparams = None
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else None
+        if config is None or config.get("ckpt_path") is None:
+            return
+        root = config.trainer.default_root_dir or os.getcwd()
+        dirpath = config.checkpoint.dirpath or os.path.join(root, "checkpoints")
+        config.ckpt_path = resolve_checkpoint(config.ckpt_path, dirpath)
+        rank_zero_info(f"--ckpt_path: {config.ckpt_path}")
+        self._checkpoint_hparams = checkpoint_hparams(config.ckpt_path)
+        adopt_checkpoint_model(config, self._checkpoint_hparams, config.ckpt_path)
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config.trainer.default_root_dir or os.getcwd()
@@ -95,21 +116,13 @@ class EMICLI(LightningCLI):
         config.last_checkpoint.dirpath = config.checkpoint.dirpath
         config.trainer.logger = _with_csv_logger(config.trainer.logger, root, self.subcommand)
         _name_wandb_runs(config)
-        self._checkpoint_hparams = None
-        if config.get("ckpt_path") is None:
-            if self.subcommand is None:
-                return
-            if self.subcommand != "fit" and not config.allow_untrained:
-                raise UserError(
-                    f"`emimimic {self.subcommand}` needs the weights to evaluate: pass --ckpt_path "
-                    "best|last|FILE (a checkpoint of `emimimic fit`), or --allow_untrained true "
-                    "to run freshly initialised weights on purpose"
-                )
-            return
-        config.ckpt_path = resolve_checkpoint(config.ckpt_path, config.checkpoint.dirpath)
-        rank_zero_info(f"--ckpt_path: {config.ckpt_path}")
-        self._checkpoint_hparams = checkpoint_hparams(config.ckpt_path)
-        adopt_checkpoint_model(config, self._checkpoint_hparams, config.ckpt_path)
+        if (self.subcommand not in (None, "fit") and config.get("ckpt_path") is None
+                and not config.allow_untrained):
+            raise UserError(
+                f"`emimimic {self.subcommand}` needs the weights to evaluate: pass --ckpt_path "
+                "best|last|FILE (a checkpoint of `emimimic fit`), or --allow_untrained true "
+                "to run freshly initialised weights on purpose"
+            )
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         trainer = super().instantiate_trainer(**kwargs)
@@ -136,8 +149,7 @@ class EMICLI(LightningCLI):
             return
         csv_logger = next((lg for lg in self.trainer.loggers if isinstance(lg, CSVLogger)), None)
         if csv_logger is not None and self.trainer.is_global_zero:
-            epoch = int(torch.load(config.ckpt_path, map_location="cpu",
-                                   weights_only=True)["epoch"])
+            epoch = checkpoint_epoch(config.ckpt_path)
             old = os.path.join(csv_logger.log_dir, "metrics.csv")
             for row in metrics_rows_until(old, epoch):
                 step = int(row.pop("step"))

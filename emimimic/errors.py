@@ -1,4 +1,4 @@
-"""The one exception type the command line turns into a one-line message instead of a traceback."""
+"""The exceptions the command line turns into a one-line message instead of a traceback."""
 
 from __future__ import annotations
 
@@ -10,3 +10,7 @@ class UserError(Exception):
     ``emimimic`` prints it as one line and exits with status 2; ``EMIMIMIC_DEBUG=1`` (or
     ``--debug``) shows the traceback too.
     """
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration that cannot be built: an unknown part, an option a part does not take."""

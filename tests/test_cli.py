@@ -283,7 +283,8 @@ def _main_error(capsys, *argv: str) -> str:
         ("missing store", "nowhere: feature store does not exist"),
         ("missing config", "File does not exist"),
         ("negative batch size", "data.batch_size"),
-        ("unknown fusion", "Expected a typing.Literal['concat', 'average']. Got value: foo"),
+        ("unknown fusion", "fusion 'foo' is not a built-in fusion (average, concat, gated, "
+                            "text_query) nor a class path"),
         ("existing destination", "destination already exists"),
     ],
 )
@@ -372,9 +373,15 @@ def test_the_checkpoint_decides_the_model(store, tmp_path, capsys):
     out = tmp_path / "sub.csv"
     cli = cli_main(_quickstart("predict", store, root, "--ckpt_path", "best",
                                "--submission.path", str(out)))
-    assert cli.model.hparams.network["pooling"] == "attention"
+    assert cli.model.hparams.network["init_args"]["pooling"] == "attention"
     assert list(cli.model.hparams.dims) == ["text"] and out.is_file()
-    # an explicit option that contradicts the checkpoint is refused, naming both values
-    err = _main_error(capsys, *_quickstart("validate", store, root, "--ckpt_path", "best",
-                                           "--model.network.temporal", "true"))
-    assert "--model.network.temporal True conflicts with the checkpoint's False" in err
+    # an explicit option that contradicts the checkpoint is refused, naming both values, for
+    # every form of --ckpt_path (a file path too, which Lightning itself would merge silently)
+    for form in ("best", "last", best_checkpoint(str(root / "checkpoints"))):
+        err = _main_error(capsys, *_quickstart("validate", store, root, "--ckpt_path", form,
+                                               "--model.network.temporal", "true"))
+        assert ("--model.network.init_args.temporal True conflicts with the checkpoint's "
+                "False") in err
+        err = _main_error(capsys, *_quickstart("validate", store, root, "--ckpt_path", form,
+                                               "--model.network.fusion", "average"))
+        assert "fusion 'average' conflicts with the checkpoint's 'concat'" in err

@@ -11,7 +11,11 @@ from emimimic.cli import cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_BASE = REPO / "configs" / "paper" / "base.yaml"
-EXPERIMENTS = sorted(p for p in (REPO / "configs" / "paper").rglob("*.yaml") if p != PAPER_BASE)
+EXPERIMENTS = sorted(
+    [p for p in (REPO / "configs" / "paper").rglob("*.yaml") if p != PAPER_BASE]
+    + list((REPO / "configs" / "peers").glob("*.yaml"))
+    + list((REPO / "configs" / "overlays").glob("*.yaml"))
+)
 
 
 def _build(configs: list[Path], store: str, *extra: str):
@@ -21,7 +25,8 @@ def _build(configs: list[Path], store: str, *extra: str):
 
 def test_quickstart_instantiates(demo_store):
     cli = _build([REPO / "configs" / "quickstart.yaml"], demo_store)
-    assert cli.model.hparams.network["fusion"] == "concat" and cli.model.hparams.network["vad"]
+    network = cli.model.hparams.network["init_args"]
+    assert network["fusion"] == "concat" and network["vad"]
     assert cli.model.hparams.dims == cli.datamodule.dims
     assert cli.trainer.max_epochs == 12
 
@@ -29,7 +34,7 @@ def test_quickstart_instantiates(demo_store):
 @pytest.mark.parametrize(
     "experiment", EXPERIMENTS, ids=lambda p: str(p.relative_to(REPO / "configs"))
 )
-def test_paper_experiment_instantiates(demo_store, experiment):
+def test_experiment_instantiates(demo_store, experiment):
     spec = yaml.safe_load(experiment.read_text())
     # The paper runs on a GPU in 16-bit; here the trainer is built for the CPU.
     cli = _build(
@@ -40,9 +45,12 @@ def test_paper_experiment_instantiates(demo_store, experiment):
         "--trainer.precision",
         "32-true",
     )
-    for group in ("network", "loss"):
-        for key, value in spec["model"].get(group, {}).items():
-            assert cli.model.hparams[group][key] == value, (group, key)
+    network = spec["model"].get("network", {})
+    for key, value in network.get("init_args", network).items():
+        assert cli.model.hparams.network["init_args"][key] == value, key
+    for key, value in spec["model"].get("loss", {}).items():
+        assert cli.model.hparams.loss[key] == value, key
+    assert cli.model.hparams.lr_multipliers == spec["model"].get("lr_multipliers", {})
     if "modalities" in spec.get("data", {}):
         assert list(cli.model.hparams.dims) == spec["data"]["modalities"]
     assert cli.trainer.max_epochs == 30

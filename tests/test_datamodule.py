@@ -18,10 +18,10 @@ from torch.utils.data import DataLoader
 from emimimic.data.batches import BatchPlan, FeatureBatch
 from emimimic.data.datamodule import EMIDataModule
 from emimimic.data.dataset import FeatureDataset, batch_buffers
-from emimimic.data.pooling import windows
 from emimimic.data.samplers import EpochShuffle, EvalShardSampler
 from emimimic.data.store import FeatureStore, StoreError
 from emimimic.data.synth import synth
+from emimimic.pooling import windows
 
 MODALITIES = ["visual", "audio", "text"]
 

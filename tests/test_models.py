@@ -8,15 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from emimimic.constants import MODALITIES, STEPS
-from emimimic.data.batches import FeatureBatch
-from emimimic.data.pooling import pool_reference
+from emimimic.contract import FeatureBatch
 from emimimic.models import (
     AudioVADBranch,
     EMINetwork,
     ModalityBranch,
-    NetworkOptions,
     norm_linear,
 )
+from emimimic.pooling import pool_reference
 
 ODD_DIMS = {"visual": 7, "audio": 11, "text": 13}
 VARIANTS = list(itertools.product(("concat", "average"), ("mean", "attention"), (False, True),
@@ -39,7 +38,7 @@ def one_thread():
 
 
 def net_of(dims, num_targets=6, **options) -> EMINetwork:
-    return EMINetwork(dims, num_targets=num_targets, options=NetworkOptions(**options))
+    return EMINetwork(dims, [f"target {k}" for k in range(num_targets)], **options)
 
 
 def _batch(dims: dict[str, int], b: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -179,9 +178,9 @@ def test_attention_pooling_weights_sum_to_one_and_pool():
 def test_invalid_configurations_raise_clear_errors():
     with pytest.raises(ValueError, match="audio"):
         net_of({"text": 8}, vad=True)
-    with pytest.raises(ValueError, match="concat.*average"):
+    with pytest.raises(ValueError, match="average, concat, gated, text_query"):
         net_of({"text": 8}, fusion="sum", vad=False)
-    with pytest.raises(ValueError, match="mean.*attention"):
+    with pytest.raises(ValueError, match="mean.*attention.*lstm"):
         net_of({"text": 8}, pooling="max", vad=False)
     with pytest.raises(ValueError, match="depth"):
         net_of({"depth": 8}, vad=False)

@@ -27,8 +27,12 @@ def test_python_dash_m_and_console_script_dispatch_the_same_commands():
     script = str(Path(sys.executable).parent / "emimimic")
     train = subprocess.run([script, "fit", "--help"], capture_output=True, text=True)
     assert train.returncode == 0 and "--ema.decay" in train.stdout
-    # network options reach --help from their dataclass, with their choices
-    assert "--model.network.fusion {concat,average}" in train.stdout
+    assert "--model.network.help" in train.stdout
+    # the network's options reach --help from its signature, with their choices
+    network = subprocess.run([script, "fit", "--model.network.help", "EMINetwork"],
+                             capture_output=True, text=True)
+    assert "--model.network.pooling {mean,attention,lstm}" in network.stdout
+    assert "--model.network.modality_dropout" in network.stdout
 
 
 def test_readme_starts_with_the_demo_job_and_the_tests_which_ci_runs():

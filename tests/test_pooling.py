@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from emimimic.constants import STEPS
-from emimimic.data.pooling import BINS, expand_rows, pool_reference, windows
+from emimimic.pooling import BINS, expand_rows, pool_reference, windows
 
 ALL_LENGTHS = list(range(STEPS + 1))  # every stored length, 0 (absent) included
 

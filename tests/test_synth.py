@@ -48,8 +48,8 @@ def test_demo_store_is_marked_synthetic_and_shaped_like_the_task(demo_store: Pat
 def test_labels_look_like_the_real_ones() -> None:
     rng = np.random.default_rng(0)
     n = 6000
-    train = synth_labels(rng, rng.standard_normal((n, 7)), EMOTIONS, 0.0)
-    valid = synth_labels(rng, rng.standard_normal((n, 7)), EMOTIONS, 0.169)
+    train, _ = synth_labels(rng, rng.standard_normal((n, 7)), EMOTIONS, 0.0)
+    valid, _ = synth_labels(rng, rng.standard_normal((n, 7)), EMOTIONS, 0.169)
     for labels in (train, valid):
         assert labels.min() >= 0 and labels.max() <= 1
         # rater fractions k/N: some N <= 137 makes every value of a row an integer multiple of 1/N

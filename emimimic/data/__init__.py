@@ -7,9 +7,9 @@ submodules keep those names, so they are not re-exported here).
 from emimimic.data.batches import BatchPlan, FeatureBatch
 from emimimic.data.datamodule import EMIDataModule
 from emimimic.data.dataset import FeatureDataset
-from emimimic.data.pooling import expand_rows, pool_reference, windows
 from emimimic.data.samplers import EvalShardSampler
 from emimimic.data.store import FeatureStore, SplitView, StoreError
+from emimimic.pooling import expand_rows, pool_reference, windows
 
 __all__ = [
     "BatchPlan",

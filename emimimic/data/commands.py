@@ -78,6 +78,9 @@ def _pack_parser() -> argparse.ArgumentParser:
                         "CSV header) or a comma-separated list")
     p.add_argument("--provenance", action="append", default=[], metavar="KEY=VALUE",
                    help="recorded in the manifest, e.g. visual_extractor=ViT-AffectNet; repeat")
+    p.add_argument("--weight-column", default=None, metavar="COLUMN",
+                   help="CSV column of per-clip sample weights (e.g. sqrt of the annotator "
+                        "count), stored with each split and used by every training loss term")
     p.add_argument("--workers", type=int, default=1,
                    help="processes that read and validate feature files (default 1); the store "
                         "is byte-identical whatever the number")
@@ -98,6 +101,8 @@ def _synth_parser() -> argparse.ArgumentParser:
                       help=f"modality dims (default {DEMO_DIMS})")
     dims.add_argument("--paper-dims", action="store_true", help=f"the paper's dims {PAPER_DIMS}")
     s.add_argument("--targets", default="emi", help="'emi' or a comma-separated list of names")
+    s.add_argument("--sample-weights", action="store_true",
+                   help="store sqrt(annotator count) sample weights with the labelled splits")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     return s
 
@@ -109,7 +114,7 @@ def pack_main(argv: Sequence[str]) -> None:
                 parse_pairs(args.modality, "--modality"),
                 missing=args.missing, targets=_targets(args.targets),
                 provenance=parse_pairs(args.provenance, "--provenance"), progress=not args.quiet,
-                workers=args.workers)
+                workers=args.workers, weight_column=args.weight_column)
     print(info(str(dest)))
 
 
@@ -120,7 +125,7 @@ def synth_main(argv: Sequence[str]) -> None:
     counts = {split: getattr(args, split) for split in DEFAULT_COUNTS}
     targets = _targets(args.targets) or list(EMOTIONS)
     dest = synth(args.dest, seed=args.seed, counts=counts, dims=dims, targets=targets,
-                 progress=not args.quiet)
+                 progress=not args.quiet, sample_weights=args.sample_weights)
     print(info(str(dest)))
 
 
@@ -147,5 +152,6 @@ def info(path: str) -> str:
         present = ", ".join(f"{m} {100 * spec['present'][m] / max(spec['count'], 1):.1f}%"
                             for m in store.dims)
         kind = "labelled" if spec["labelled"] else "unlabelled"
+        kind += ", sample weights" if spec.get("weighted") else ""
         lines.append(f"split      {name}: {spec['count']} clips, {kind}; present: {present}")
     return "\n".join(lines)

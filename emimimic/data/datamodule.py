@@ -59,13 +59,15 @@ class EMIDataModule(L.LightningDataModule):
             them on the training device (a GPU) and gathers batches there, without workers.
         pin_memory: read batches into page-locked memory (faster, asynchronous host-to-GPU
             copies; ignored without a GPU).
+        sample_weights: give the training loss the store's per-clip sample weights, where the
+            training split has them (``emimimic pack --weight-column``); false ignores them.
     """
 
     def __init__(self, store: str, batch_size: PositiveInt = 32, num_workers: NonNegativeInt = 0,
                  modalities: list[str] | None = None, train_split: str = "train",
                  val_split: str = "valid", test_split: str = "valid",
                  predict_split: str = "test", preload: Preload = "none",
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, sample_weights: bool = True) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
             raise StoreError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} "
@@ -87,6 +89,7 @@ class EMIDataModule(L.LightningDataModule):
         self.num_workers = 0 if preload == "device" else num_workers
         self.preload = preload
         self.pin_memory = pin_memory
+        self.sample_weights = sample_weights
         #: modality -> feature dimension D of the served modalities.
         self.dims: dict[str, int] = {m: self.store.dims[m] for m in self.modalities}
         #: target names, in label-column order.
@@ -116,7 +119,10 @@ class EMIDataModule(L.LightningDataModule):
             view = self.store.split(split)
             if self.preload == "ram":
                 view.preload(self.modalities)
-            self._datasets[split] = FeatureDataset(view, self.modalities)
+            # weights matter to the training loss only; evaluation is unweighted
+            weighted = self.sample_weights and split == self.split_names["fit"]
+            self._datasets[split] = FeatureDataset(view, self.modalities,
+                                                   sample_weights=weighted)
         return self._datasets[split]
 
     def setup(self, stage: str) -> None:

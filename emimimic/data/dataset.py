@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import Dataset
 
 from emimimic.data.batches import BatchPlan, FeatureBatch
-from emimimic.data.pooling import windows
 from emimimic.data.store import SplitView, StoreError
+from emimimic.pooling import windows
 
 
 def batch_buffers(shapes: Sequence[tuple[int, int]], pin_memory: bool = False
@@ -47,7 +47,8 @@ def _batch(rows: dict[str, torch.Tensor], plan: BatchPlan, device: torch.device)
     lengths = {m: torch.as_tensor(c) for m, c in plan.lengths.items()}
     batch = FeatureBatch(rows=rows, lengths=lengths,
                          target=None if plan.target is None else torch.as_tensor(plan.target),
-                         ids=list(plan.ids))
+                         ids=list(plan.ids),
+                         weight=None if plan.weight is None else torch.as_tensor(plan.weight))
     if device.type != "cpu":
         batch.windows = {m: windows(n) for m, n in lengths.items()}
     return batch
@@ -63,13 +64,15 @@ class FeatureDataset(Dataset):
             (:meth:`SplitView.prefetch`). None (default) does so only inside DataLoader workers,
             which plan batches ahead of the main process's reads; in the main process the read
             follows at once, and on a warm cache the advice costs ~10% of the read for nothing.
+        sample_weights: serve the split's sample weights (when it has them) with each batch.
     """
 
     def __init__(self, view: SplitView, modalities: Sequence[str],
-                 prefetch: bool | None = None) -> None:
+                 prefetch: bool | None = None, sample_weights: bool = True) -> None:
         self.view = view
         self.modalities = list(modalities)
         self.prefetch = prefetch
+        self.weights = view.weights if sample_weights else None
         self.stored = {m: view.stored_rows(m) for m in self.modalities}
 
     def __len__(self) -> int:
@@ -87,7 +90,8 @@ class FeatureDataset(Dataset):
         return BatchPlan(split=self.view.name, indices=idx,
                          lengths={m: self.stored[m][idx] for m in self.modalities},
                          target=None if labels is None else labels[idx],
-                         ids=[self.view.ids[i] for i in idx.tolist()])
+                         ids=[self.view.ids[i] for i in idx.tolist()],
+                         weight=None if self.weights is None else self.weights[idx])
 
     def __getitem__(self, i: int) -> FeatureBatch:
         """Returns clip ``i`` as a one-clip batch."""

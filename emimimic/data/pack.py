@@ -15,6 +15,7 @@ import os
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from emimimic.data.store import (
     StoredClip,
     StoreError,
     StoreWriter,
+    check_weights,
     normalise_id,
     prepare_clip,
 )
@@ -39,18 +41,37 @@ MISSING_POLICIES = ("error", "absent")
 SUFFIXES = (".npy", ".pkl")
 
 
-def read_split_csv(path: str | Path, targets: Sequence[str] | None = EMOTIONS
-                   ) -> tuple[list[str], np.ndarray | None, list[str]]:
-    """Returns (clip ids, float64 labels [N, K] or None, target names) of one split CSV.
+@dataclass
+class SplitCSV:
+    """What an ABAW split CSV holds.
+
+    Attributes:
+        ids: clip ids (integers zero-padded to 5 digits), in file order.
+        labels: float64 [N, K] labels, or None for an unlabelled split (``Filename`` only).
+        targets: the label columns' names, in order (empty when unlabelled).
+        weights: float32 [N] sample weights from the weight column, or None.
+    """
+
+    ids: list[str]
+    labels: np.ndarray | None
+    targets: list[str]
+    weights: np.ndarray | None = None
+
+
+def read_split_csv(path: str | Path, targets: Sequence[str] | None = EMOTIONS,
+                   weight_column: str | None = None) -> SplitCSV:
+    """Returns the clips, labels and sample weights of one split CSV.
 
     Args:
         path: the CSV; header ``Filename`` + target columns, or ``Filename`` alone (unlabelled).
         targets: the target columns a labelled CSV must have, in order; None takes them from the
             header (any number, e.g. seven ERI emotions or a single valence column).
+        weight_column: a column of per-clip sample weights (finite, >= 0), not a target; a
+            labelled CSV must have it, an unlabelled one may.
 
     Raises:
         StoreError: wrong header, bad or duplicate id, a label that is missing, not a number or
-            outside [0, 1]. Messages name the file, the line and the clip id.
+            outside [0, 1], a bad weight. Messages name the file, the line and the clip id.
     """
     path = Path(path)
     if not path.is_file():
@@ -62,17 +83,24 @@ def read_split_csv(path: str | Path, targets: Sequence[str] | None = EMOTIONS
     header = [h.strip() for h in rows[0]]
     if header[0] != ID_COLUMN:
         raise StoreError(f"{path}: header {rows[0]} must start with {ID_COLUMN!r}")
-    names = header[1:]
+    weight_at = header.index(weight_column) if weight_column in header[1:] else None
+    names = [h for n, h in enumerate(header[1:], 1) if n != weight_at]
     labelled = bool(names)
     if labelled:
+        if weight_column is not None and weight_at is None:
+            raise StoreError(f"{path}: no sample-weight column {weight_column!r} in the header "
+                             f"{header}")
         if targets is not None and names != list(targets):
             raise StoreError(f"{path}: header {header} does not match the expected targets; "
-                             f"expected {[ID_COLUMN, *targets]}")
+                             f"expected {[ID_COLUMN, *targets]}"
+                             + (f" (and the weight column {weight_column!r})"
+                                if weight_column else ""))
         if len(set(names)) != len(names) or not all(names):
             raise StoreError(f"{path}: header {header} has empty or repeated target names")
     ids: list[str] = []
     seen: dict[str, int] = {}
     labels = np.zeros((len(rows) - 1, len(names)), dtype=np.float64)
+    weights = np.zeros(len(rows) - 1, dtype=np.float64)
     for n, row in enumerate(rows[1:]):
         line = n + 2
         if len(row) != len(header):
@@ -83,22 +111,34 @@ def read_split_csv(path: str | Path, targets: Sequence[str] | None = EMOTIONS
                              f"(first on line {seen[clip]})")
         seen[clip] = line
         ids.append(clip)
-        for k, (name, text) in enumerate(zip(names, row[1:], strict=True)):
-            where = f"{path}, line {line}, clip {clip}, column {name!r}"
-            if not text.strip():
-                raise StoreError(f"{where}: missing label (empty); expected a number in [0, 1]")
-            try:
-                value = float(text)
-            except ValueError:
-                raise StoreError(f"{where}: label {text!r} is not a number in [0, 1]") from None
-            if math.isnan(value):
-                raise StoreError(f"{where}: missing label (NaN); expected a number in [0, 1]")
-            if not 0.0 <= value <= 1.0:
-                raise StoreError(f"{where}: label {value} outside [0, 1]")
-            labels[n, k] = value
+        values = [text for k, text in enumerate(row[1:], 1) if k != weight_at]
+        for k, (name, text) in enumerate(zip(names, values, strict=True)):
+            labels[n, k] = _number(text, f"{path}, line {line}, clip {clip}, column {name!r}",
+                                   "label", (0.0, 1.0))
+        if weight_at is not None:
+            weights[n] = _number(row[weight_at], f"{path}, line {line}, clip {clip}, column "
+                                 f"{weight_column!r}", "sample weight", (0.0, math.inf))
     if not ids:
         raise StoreError(f"{path}: no clips after the header")
-    return ids, (labels if labelled else None), names
+    return SplitCSV(ids, labels if labelled else None, names,
+                    check_weights(weights, str(path), ids) if weight_at is not None else None)
+
+
+def _number(text: str, where: str, what: str, bounds: tuple[float, float]) -> float:
+    """Returns a CSV cell as a float in ``bounds``; errors name ``where``."""
+    low, high = bounds
+    rule = f"a number in [{low:g}, {high:g}]" if math.isfinite(high) else f"a number >= {low:g}"
+    if not text.strip():
+        raise StoreError(f"{where}: missing {what} (empty); expected {rule}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise StoreError(f"{where}: {what} {text!r} is not a number; expected {rule}") from None
+    if math.isnan(value):
+        raise StoreError(f"{where}: missing {what} (NaN); expected {rule}")
+    if not low <= value <= high:
+        raise StoreError(f"{where}: {what} {value} outside [{low:g}, {high:g}]")
+    return value
 
 
 def find_feature_file(folder: Path, clip: str) -> Path | None:
@@ -142,7 +182,7 @@ def pack(dest: str | os.PathLike[str], splits: Mapping[str, str | os.PathLike[st
          targets: Sequence[str] | None = EMOTIONS,
          dims: Mapping[str, int] | None = None,
          provenance: Mapping[str, Any] | None = None, progress: bool = True,
-         workers: int = 1) -> Path:
+         workers: int = 1, weight_column: str | None = None) -> Path:
     """Builds a feature store at ``dest``; returns its path. Resumes an interrupted run.
 
     Args:
@@ -158,6 +198,8 @@ def pack(dest: str | os.PathLike[str], splits: Mapping[str, str | os.PathLike[st
         progress: show a tqdm progress bar.
         workers: processes that read and validate feature files in parallel (1: this process).
             The store is byte-identical whatever the number.
+        weight_column: a CSV column of per-clip sample weights (e.g. the square root of a clip's
+            annotator count), stored with the split and used by every training loss term.
 
     Raises:
         StoreError: any invalid input, with a message naming the file, the clip and the rule.
@@ -175,7 +217,8 @@ def pack(dest: str | os.PathLike[str], splits: Mapping[str, str | os.PathLike[st
     specs: list[SplitSpec] = []
     owner: dict[str, str] = {}
     for name, csv_path in splits.items():
-        ids, labels, names = read_split_csv(csv_path, targets)
+        split = read_split_csv(csv_path, targets, weight_column)
+        ids, labels, names = split.ids, split.labels, split.targets
         if labels is not None:
             if targets is None:
                 targets = names
@@ -187,7 +230,7 @@ def pack(dest: str | os.PathLike[str], splits: Mapping[str, str | os.PathLike[st
                 raise StoreError(f"{csv_path}: clip id {clip} also appears in split "
                                  f"{owner[clip]!r} ({splits[owner[clip]]})")
             owner[clip] = name
-        specs.append(SplitSpec(name, ids, labels))
+        specs.append(SplitSpec(name, ids, labels, split.weights))
     if targets is None:
         raise StoreError("no split CSV has label columns, so the targets are unknown; pass them")
     # 2. which feature files exist, and the dims, before reading any of them
@@ -220,7 +263,7 @@ def pack(dest: str | os.PathLike[str], splits: Mapping[str, str | os.PathLike[st
     record = {"created_by": "emimimic pack", "synthetic": False, "format_version": FORMAT_VERSION,
               "splits": {n: str(p) for n, p in splits.items()},
               "modalities": {m: str(p) for m, p in modalities.items()},
-              "missing": missing, **dict(provenance or {})}
+              "missing": missing, "weight_column": weight_column, **dict(provenance or {})}
     # 3. features, clip by clip, resumable; workers read and validate, this process writes
     writer = StoreWriter(dest, targets, expected, specs, record)
     todo = [(spec.name, spec.ids[n], files[spec.name][n])

@@ -71,8 +71,9 @@ def rater_counts(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def synth_labels(rng: np.random.Generator, z: np.ndarray, targets: Sequence[str],
-                 all_zero: float | None) -> np.ndarray:
-    """Returns float64 [N, K] rater-fraction labels driven by the latents ``z`` [N, K + 1].
+                 all_zero: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Returns float64 [N, K] rater-fraction labels driven by the latents ``z`` [N, K + 1], and
+    the int [N] rater counts behind them.
 
     ``all_zero`` is the fraction of all-zero rows to produce (0 = none, as in train); None keeps
     whatever the draw gives.
@@ -84,7 +85,7 @@ def synth_labels(rng: np.random.Generator, z: np.ndarray, targets: Sequence[str]
     raters = rater_counts(rng, n)
     labels = rng.binomial(raters[:, None], p) / raters[:, None]
     if all_zero is None:
-        return labels
+        return labels, raters
     want = int(round(all_zero * n))
     zero = np.nonzero(~labels.any(axis=1))[0]
     if zero.size > want:
@@ -96,7 +97,7 @@ def synth_labels(rng: np.random.Generator, z: np.ndarray, targets: Sequence[str]
         nonzero = np.nonzero(labels.any(axis=1))[0]
         extra = nonzero[np.argsort(p[nonzero].sum(axis=1), kind="stable")[: want - zero.size]]
         labels[extra] = 0.0
-    return labels.reshape(n, k)
+    return labels.reshape(n, k), raters
 
 
 def durations(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -114,7 +115,8 @@ def raw_lengths(rng: np.random.Generator, duration: float) -> dict[str, int]:
 
 def synth(dest: str | os.PathLike[str], *, seed: int = 0,
           counts: Mapping[str, int] | None = None, dims: Mapping[str, int] | None = None,
-          targets: Sequence[str] = EMOTIONS, progress: bool = False) -> Path:
+          targets: Sequence[str] = EMOTIONS, progress: bool = False,
+          sample_weights: bool = False) -> Path:
     """Writes a synthetic (NOT real) feature store at ``dest``; returns its path.
 
     Args:
@@ -126,6 +128,8 @@ def synth(dest: str | os.PathLike[str], *, seed: int = 0,
             other names, which get the audio signal strength).
         targets: label names (default the six EMI emotions; any number works).
         progress: show a tqdm progress bar.
+        sample_weights: store the square root of each labelled clip's rater count as its sample
+            weight (what USTC-IAT's optional weighting uses).
     """
     counts = {k: int(v) for k, v in (counts or DEFAULT_COUNTS).items() if int(v) > 0}
     dims = dict(dims or DEMO_DIMS)
@@ -142,10 +146,12 @@ def synth(dest: str | os.PathLike[str], *, seed: int = 0,
     for name, n in counts.items():
         rng = np.random.default_rng([seed, 1, _split_key(name)])
         z = rng.standard_normal((n, latent))
-        labels = synth_labels(rng, z, targets, ALL_ZERO.get(name))
+        labels, raters = synth_labels(rng, z, targets, ALL_ZERO.get(name))
         ids = [f"{first + i:05d}" for i in range(n)]
         first += n
-        plans.append(SplitSpec(name, ids, None if name == "test" else labels))
+        labelled = name != "test"
+        plans.append(SplitSpec(name, ids, labels if labelled else None,
+                               np.sqrt(raters) if labelled and sample_weights else None))
         latents[name] = (z.astype(np.float32), durations(rng, n))
     provenance = {"created_by": "emimimic synth", "synthetic": True,
                   "warning": "SYNTHETIC DATA for demos and tests, NOT Hume-Vidmimic2 features",

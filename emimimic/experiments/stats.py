@@ -24,8 +24,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from emimimic.training.metrics import CONSTANT_RELATIVE_VARIANCE
+from emimimic.training.correlation import correlation_from_moments
 
 #: Resamples turned into count matrices at once; bounds memory to ~CHUNK × N × 8 bytes.
 CHUNK = 256
@@ -99,19 +100,19 @@ def _weighted_pearson(counts: np.ndarray, preds: np.ndarray, labels: np.ndarray
     sxy = moments[:, 2 * mk:3 * mk].reshape(-1, m, k)
     sy = moments[:, None, 3 * mk:3 * mk + k]
     syy = moments[:, None, 3 * mk + k:]
-    var_x = np.maximum(sxx - sx * sx, 0.0)
-    var_y = np.maximum(syy - sy * sy, 0.0)
-    cov = sxy - sx * sy
     mean_x = sx + p_mean.reshape(1, m, k)
     mean_y = sy + y_mean.reshape(1, 1, k)
-    # EMIPearson's relative rule, with the (centred) second moment as the scale: it bounds the
-    # rounding noise of sxx - sx², which a column that is exactly constant on a resample leaves
-    undefined = (var_x <= CONSTANT_RELATIVE_VARIANCE * (mean_x * mean_x + sxx)) | (
-        var_y <= CONSTANT_RELATIVE_VARIANCE * (mean_y * mean_y + syy)
-    )
-    denom = np.sqrt(np.where(undefined, 1.0, var_x * var_y))
-    r = np.clip(np.where(undefined, 0.0, cov / denom), -1.0, 1.0)
-    return r, undefined
+    # sums around the whole-split means: their second moments bound the rounding noise of
+    # sxx - sx², which a column that is exactly constant on a resample leaves
+    shape = mean_x.shape
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(np.broadcast_to(a, shape)))
+
+    r, undefined = correlation_from_moments(
+        t(mean_x), t(mean_y), t(sxx - sx * sx), t(syy - sy * sy), t(sxy - sx * sy),
+        scale_x=t(mean_x * mean_x + sxx), scale_y=t(mean_y * mean_y + syy))
+    return r.numpy(), undefined.numpy()
 
 
 def _names(k: int, target_names: Sequence[str] | None) -> list[str]:

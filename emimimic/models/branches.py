@@ -8,11 +8,12 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from emimimic.data.pooling import Windows
 from emimimic.models.projector import norm_linear
+from emimimic.pooling import Windows
 
-#: Pooling over time of every branch: the authors' final run uses the mean.
-Pooling = Literal["mean", "attention"]
+#: Pooling over time of every branch: the authors' final run uses the mean; ``lstm`` is the
+#: ABAW8 winners' per-modality LSTM.
+Pooling = Literal["mean", "attention", "lstm"]
 
 
 @dataclass
@@ -26,11 +27,14 @@ class BranchOutput:
         vad: Latent valence/arousal/dominance vector ``[B, 3]`` in ``[0, 1]`` (audio VAD branch
             only, else ``None``); rows of clips without audio are computed from zero rows and carry
             no meaning (the loss masks them).
+        steps: the sequence that was pooled, ``[B, 128, H]``, when asked for (``keep_steps``);
+            rows of absent clips carry no meaning.
     """
 
     embedding: Tensor
     aux: Tensor
     vad: Tensor | None = None
+    steps: Tensor | None = None
 
 
 class AttentionPooling(nn.Module):
@@ -57,6 +61,24 @@ class MeanPooling(nn.Module):
     def forward(self, seq: Tensor) -> Tensor:
         """Returns the time mean ``[B, H]``."""
         return seq.mean(dim=1)
+
+
+class LSTMPooling(nn.Module):
+    """Pools a sequence ``[B, T, H]`` to ``[B, H]`` with a two-layer LSTM: its last state.
+
+    The branch's sequences are the 128 pooled steps of every clip, never padded, so the last
+    valid state is the top layer's state after step 128 (absent clips get the missing-modality
+    embedding later).
+    """
+
+    def __init__(self, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(hidden, hidden, num_layers=2, batch_first=True, dropout=dropout)
+
+    def forward(self, seq: Tensor) -> Tensor:
+        """Returns the top layer's hidden state after the last step ``[B, H]``."""
+        _, (state, _) = self.lstm(seq)
+        return state[-1]
 
 
 class TemporalEnhancer(nn.Module):
@@ -114,20 +136,20 @@ class ModalityBranch(nn.Module):
     """Encodes one modality's clips into an embedding and an auxiliary prediction.
 
     Layers (paper §3): projector LayerNorm(D) -> Linear(D, H) -> GELU -> Dropout per time step;
-    optional temporal enhancement; mean or attention pooling over time; feature layer
+    optional temporal enhancement; mean, attention or LSTM pooling over time; feature layer
     LayerNorm -> Linear(H, H) giving ``z_m``; auxiliary regressor
     LayerNorm -> Linear(H, H) -> GELU -> Dropout -> Linear(H, K) -> Sigmoid on ``z_m``.
     Clips marked absent get a learned missing-modality embedding in place of ``z_m``.
 
     :meth:`forward` takes a batch's stored rows and projects each distinct pooling window once
-    (:mod:`emimimic.data.pooling`), then gathers the 128 projected steps; :meth:`forward_dense`
+    (:mod:`emimimic.pooling`), then gathers the 128 projected steps; :meth:`forward_dense`
     takes ``[B, T, D]`` sequences. Both give the same result for the same clips.
 
     Args:
         in_dim: Feature dimension ``D`` of the modality.
         num_targets: Number of regression targets ``K``.
         hidden: Width ``H`` of the branch.
-        pooling: ``"mean"`` or ``"attention"``.
+        pooling: ``"mean"``, ``"attention"`` or ``"lstm"``.
         temporal: Whether to add the Conv1d + BiGRU temporal enhancement.
         dropout: Dropout probability used throughout the branch.
     """
@@ -150,7 +172,11 @@ class ModalityBranch(nn.Module):
             nn.Dropout(dropout),
         )
         self.temporal = TemporalEnhancer(hidden, dropout) if temporal else None
-        self.pool = AttentionPooling(hidden) if pooling == "attention" else MeanPooling()
+        self.pool: nn.Module = MeanPooling()
+        if pooling == "attention":
+            self.pool = AttentionPooling(hidden)
+        elif pooling == "lstm":
+            self.pool = LSTMPooling(hidden, dropout)
         self.feature = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden))
         self.aux_head = regression_head(hidden, hidden, num_targets, dropout)
         # Small random init so the missing embedding differs from any all-zero pattern at start.
@@ -168,14 +194,16 @@ class ModalityBranch(nn.Module):
         """Returns :meth:`condition` applied to per-window projections ``[W, H]`` (eval only)."""
         return h, None
 
-    def forward(self, rows: Tensor, win: Windows, present: Tensor | None = None) -> BranchOutput:
+    def forward(self, rows: Tensor, win: Windows, present: Tensor | None = None,
+                keep_steps: bool = False) -> BranchOutput:
         """Encodes a batch from its stored rows.
 
         Args:
             rows: Stored rows ``[R, D]`` of the batch's clips back to back (float16 from the
                 store, or any float dtype).
-            win: The batch's pooling windows (:func:`emimimic.data.pooling.windows`).
+            win: The batch's pooling windows (:func:`emimimic.pooling.windows`).
             present: Bool ``[B]``; False marks clips without this modality. ``None``: all present.
+            keep_steps: also return the pooled sequence ``[B, 128, H]`` (``BranchOutput.steps``).
         """
         if rows.ndim != 2 or rows.shape[-1] != self.in_dim:
             raise ValueError(f"expected rows of shape [R, {self.in_dim}], got {tuple(rows.shape)}")
@@ -186,16 +214,18 @@ class ModalityBranch(nn.Module):
         mixed = rows.dtype == torch.float16 and torch.is_autocast_enabled(rows.device.type)
         x = win.gather(rows, rows.dtype if mixed else linear.weight.dtype)
         h = act(norm_linear(x, norm, linear))  # each distinct window projected once
-        if self.training or self.temporal is not None or not isinstance(self.pool, MeanPooling):
+        if (self.training or keep_steps or self.temporal is not None
+                or not isinstance(self.pool, MeanPooling)):
             # dropout after the gather, so each step gets its own mask as on a dense input
             seq, vad = self.condition(drop(h[win.step]))
             if self.temporal is not None:
                 seq = self.temporal(seq)
-            return self._finish(self.pool(seq), vad, present)
+            return self._finish(self.pool(seq), vad, present, seq if keep_steps else None)
         h, vad = self.condition_windows(h, win)
         return self._finish(win.mean(h), vad, present)
 
-    def forward_dense(self, x: Tensor, present: Tensor | None = None) -> BranchOutput:
+    def forward_dense(self, x: Tensor, present: Tensor | None = None,
+                      keep_steps: bool = False) -> BranchOutput:
         """Encodes a batch of sequences ``[B, T, D]`` (any float dtype, any T)."""
         if x.ndim != 3 or x.shape[-1] != self.in_dim:
             raise ValueError(
@@ -206,9 +236,10 @@ class ModalityBranch(nn.Module):
         seq, vad = self.condition(self.projector(x))
         if self.temporal is not None:
             seq = self.temporal(seq)
-        return self._finish(self.pool(seq), vad, present)
+        return self._finish(self.pool(seq), vad, present, seq if keep_steps else None)
 
-    def _finish(self, pooled: Tensor, vad: Tensor | None, present: Tensor | None) -> BranchOutput:
+    def _finish(self, pooled: Tensor, vad: Tensor | None, present: Tensor | None,
+                steps: Tensor | None = None) -> BranchOutput:
         z = self.feature(pooled)
         if present is not None:
             if present.shape != (z.shape[0],):
@@ -218,7 +249,7 @@ class ModalityBranch(nn.Module):
             mask = present.to(device=z.device, dtype=torch.bool).unsqueeze(1)
             # torch.where cuts the gradient to the rows of absent clips entirely.
             z = torch.where(mask, z, self.missing_embedding.to(z.dtype).expand_as(z))
-        return BranchOutput(embedding=z, aux=self.aux_head(z), vad=vad)
+        return BranchOutput(embedding=z, aux=self.aux_head(z), vad=vad, steps=steps)
 
 
 class AudioVADBranch(ModalityBranch):

@@ -1,16 +1,16 @@
-"""The multimodal EMI network: per-modality branches, fusion and the shared regression head."""
+"""The multimodal EMI network: per-modality branches, a fusion and the shared regression head."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, get_args
 
 import torch
 from torch import Tensor, nn
 
-from emimimic.constants import MODALITIES
-from emimimic.data.batches import FeatureBatch
+from emimimic.constants import EMOTIONS, MODALITIES
+from emimimic.contract import EMIOutput, FeatureBatch
+from emimimic.errors import ConfigError
 from emimimic.models.branches import (
     AudioVADBranch,
     BranchOutput,
@@ -18,105 +18,98 @@ from emimimic.models.branches import (
     Pooling,
     regression_head,
 )
-
-
-@dataclass
-class NetworkOptions:
-    """The network's architecture options (``model.network.*`` in the configs).
-
-    Attributes:
-        fusion: ``"concat"`` (the paper's choice) or ``"average"`` of the branch embeddings.
-        pooling: ``"mean"`` (the authors' final run) or ``"attention"`` pooling over time.
-        temporal: add the Conv1d + BiGRU temporal enhancement to every branch (the ablation
-            row that hurts).
-        vad: give the audio branch the VAD-aware latent pathway (needs audio).
-        hidden: width of branches, embeddings and head.
-        dropout: dropout probability everywhere.
-    """
-
-    fusion: Literal["concat", "average"] = "concat"
-    pooling: Pooling = "mean"
-    temporal: bool = False
-    vad: bool = True
-    hidden: int = 256
-    dropout: float = 0.2
-
-
-@dataclass
-class EMIOutput:
-    """What :class:`EMINetwork` returns for a batch.
-
-    Attributes:
-        pred: Fused prediction ``[B, K]`` in ``[0, 1]``.
-        aux: Per-modality auxiliary predictions ``[B, K]`` in ``[0, 1]``, keyed by modality.
-        vad: Latent VAD vector ``[B, 3]`` in ``[0, 1]`` from the audio branch, or ``None``
-            when the VAD pathway is off. Rows of clips without audio carry no meaning.
-        embeddings: Per-modality branch embeddings ``z_m`` ``[B, hidden]``, keyed by modality.
-    """
-
-    pred: Tensor
-    aux: dict[str, Tensor]
-    vad: Tensor | None
-    embeddings: dict[str, Tensor]
+from emimimic.models.dropout import drop_modalities
+from emimimic.models.fusion import FusionInput, build_fusion
 
 
 class EMINetwork(nn.Module):
-    """Multimodal EMI regressor (plain ``nn.Module``, usable without Lightning).
+    """The paper's multimodal EMI regressor, and the parts that other teams won with.
 
     One branch per modality in ``dims`` (in the fixed :data:`~emimimic.constants.MODALITIES`
-    order); branch embeddings are fused by concatenation (``hidden * M``) or averaging
-    (``hidden``) and mapped by the shared head LayerNorm -> Linear(in, hidden) -> GELU ->
-    Dropout -> Linear(hidden, K) -> Sigmoid.
+    order): projector, optional temporal block, pooling over time, embedding and auxiliary
+    regressor, and for audio the VAD-aware pathway. A fusion (:mod:`emimimic.models.fusion`)
+    turns the branches' outputs into the input of the shared head
+    LayerNorm -> Linear(F, hidden) -> GELU -> Dropout -> Linear(hidden, K) -> Sigmoid. A plain
+    ``nn.Module`` that follows :mod:`emimimic.contract`; usable without Lightning.
 
     Args:
-        dims: Feature dimension per modality; its keys choose the modalities (any non-empty
+        dims: feature dimension per modality; its keys choose the modalities (any non-empty
             subset of ``MODALITIES``).
-        num_targets: Number of regression targets ``K``.
-        options: Architecture options (default: the paper's final model).
+        targets: the target names; their number K is the output width.
+        fusion: ``concat`` (the paper's choice), ``average``, ``gated`` (per-clip, per-target
+            weights over the modalities, returned in ``EMIOutput.weights``), ``text_query``
+            (text steps attend to the other modalities' steps), or a class path of your own
+            :class:`~emimimic.models.fusion.Fusion`.
+        fusion_args: the fusion's own options, e.g. ``{heads: 8}`` for ``text_query``.
+        pooling: ``mean`` (the authors' final run), ``attention`` or ``lstm`` (two-layer LSTM,
+            last state) over each modality's 128 steps.
+        temporal: add the Conv1d + BiGRU temporal enhancement to every branch (the ablation row
+            that hurts).
+        vad: give the audio branch the VAD-aware latent pathway (needs audio).
+        hidden: width of branches, embeddings and head.
+        dropout: dropout probability everywhere.
+        modality_dropout: in training, the probability that a clip loses a modality (one rate
+            for all, or modality -> rate), through the same learned-missing path as absent data;
+            a clip never loses all its modalities (see
+            :func:`~emimimic.models.dropout.drop_modalities`).
 
     Raises:
-        ValueError: On an unknown modality, fusion or pooling, or ``vad=True`` without audio.
+        ConfigError: an unknown modality, fusion or pooling, ``vad`` without audio, a rate
+            outside [0, 1).
     """
 
-    def __init__(self, dims: Mapping[str, int], num_targets: int = 6,
-                 options: NetworkOptions | None = None) -> None:
+    def __init__(self, dims: Mapping[str, int], targets: Sequence[str] = EMOTIONS,
+                 fusion: str = "concat", fusion_args: dict[str, Any] | None = None,
+                 pooling: Pooling = "mean", temporal: bool = False, vad: bool = True,
+                 hidden: int = 256, dropout: float = 0.2,
+                 modality_dropout: float | dict[str, float] = 0.0) -> None:
         super().__init__()
-        opts = options or NetworkOptions()
         unknown = sorted(set(dims) - set(MODALITIES))
         if unknown or not dims:
-            raise ValueError(
-                f"dims must map a non-empty subset of {MODALITIES} to feature sizes, "
-                f"got keys {sorted(dims)}"
-            )
-        if opts.fusion not in ("concat", "average"):
-            raise ValueError(f"fusion must be one of ('concat', 'average'), got {opts.fusion!r}")
-        if opts.vad and "audio" not in dims:
-            raise ValueError(
-                f"vad=True needs the 'audio' modality, but dims has only {sorted(dims)}; "
-                "set vad=False or serve audio features"
-            )
-        self.options = opts
+            raise ConfigError(f"dims must map a non-empty subset of {MODALITIES} to feature "
+                              f"sizes, got keys {sorted(dims)}")
+        if pooling not in get_args(Pooling):
+            raise ConfigError(f"pooling must be one of {get_args(Pooling)}, got {pooling!r}")
+        if vad and "audio" not in dims:
+            raise ConfigError(f"vad=True needs the 'audio' modality, but dims has only "
+                              f"{sorted(dims)}; set vad=False or serve audio features")
+        if not targets:
+            raise ConfigError("the network needs at least one target")
         self.modalities: tuple[str, ...] = tuple(m for m in MODALITIES if m in dims)
-        self.num_targets = num_targets
+        self.targets = list(targets)
+        self.num_targets = len(self.targets)
+        self.dropout_rates = self._rates(modality_dropout)
         self.branches = nn.ModuleDict()
         for m in self.modalities:
-            branch_cls = AudioVADBranch if (opts.vad and m == "audio") else ModalityBranch
-            self.branches[m] = branch_cls(int(dims[m]), num_targets, hidden=opts.hidden,
-                                          pooling=opts.pooling, temporal=opts.temporal,
-                                          dropout=opts.dropout)
-        fused = opts.hidden * len(self.modalities) if opts.fusion == "concat" else opts.hidden
-        self.head = regression_head(fused, opts.hidden, num_targets, opts.dropout)
+            branch_cls = AudioVADBranch if (vad and m == "audio") else ModalityBranch
+            self.branches[m] = branch_cls(int(dims[m]), self.num_targets, hidden=hidden,
+                                          pooling=pooling, temporal=temporal, dropout=dropout)
+        self.fusion = build_fusion(fusion, list(self.modalities), hidden, self.num_targets,
+                                   dropout, fusion_args)
+        self.head = regression_head(self.fusion.out_dim, hidden, self.num_targets, dropout)
+
+    def _rates(self, rates: float | Mapping[str, float]) -> dict[str, float]:
+        given = (dict.fromkeys(self.modalities, float(rates))
+                 if isinstance(rates, int | float) else {m: float(p) for m, p in rates.items()})
+        unknown = sorted(set(given) - set(self.modalities))
+        bad = {m: p for m, p in given.items() if not 0.0 <= p < 1.0}
+        if unknown or bad:
+            raise ConfigError(f"modality_dropout: rates must be in [0, 1) for modalities of "
+                              f"{list(self.modalities)}, got {given}")
+        return {m: p for m, p in given.items() if p > 0}
 
     def forward(self, batch: FeatureBatch) -> EMIOutput:
         """Predicts the targets for a batch of stored rows (what the DataModule serves)."""
         self._check(batch.rows)
+        present = self._present({m: batch.present(m) for m in self.modalities})
+        keep = self.fusion.needs_steps
         outputs = {}
         for m in self.modalities:
             try:
-                outputs[m] = self.branches[m](batch.rows[m], batch.window(m), batch.present(m))
+                outputs[m] = self.branches[m](batch.rows[m], batch.window(m), present[m], keep)
             except ValueError as err:
                 raise ValueError(f"modality {m!r}: {err}") from err
-        return self._fuse(outputs)
+        return self._fuse(outputs, present)
 
     def forward_dense(self, features: Mapping[str, Tensor],
                       present: Mapping[str, Tensor] | None = None) -> EMIOutput:
@@ -128,21 +121,29 @@ class EMINetwork(nn.Module):
                 ``None`` means every clip has every modality.
         """
         self._check(features)
-        if present is not None:
-            lacking = [m for m in self.modalities if m not in present]
-            if lacking:
-                raise ValueError(
-                    f"present lacks modalities {lacking}; pass a mask for each of "
-                    f"{list(self.modalities)} or present=None"
-                )
+        if present is None:
+            batch = next(iter(features.values())).shape[0]
+            present = {m: torch.ones(batch, dtype=torch.bool, device=features[m].device)
+                       for m in self.modalities}
+        lacking = [m for m in self.modalities if m not in present]
+        if lacking:
+            raise ValueError(f"present lacks modalities {lacking}; pass a mask for each of "
+                             f"{list(self.modalities)} or present=None")
+        present = self._present({m: present[m] for m in self.modalities})
+        keep = self.fusion.needs_steps
         outputs = {}
         for m in self.modalities:
             try:
-                mask = None if present is None else present[m]
-                outputs[m] = self.branches[m].forward_dense(features[m], mask)
+                outputs[m] = self.branches[m].forward_dense(features[m], present[m], keep)
             except ValueError as err:
                 raise ValueError(f"modality {m!r}: {err}") from err
-        return self._fuse(outputs)
+        return self._fuse(outputs, present)
+
+    def _present(self, present: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Returns the presence masks the branches use: modality dropout acts in training."""
+        if self.training and self.dropout_rates:
+            return drop_modalities(present, self.dropout_rates)
+        return present
 
     def _check(self, features: Mapping[str, Tensor]) -> None:
         missing = [m for m in self.modalities if m not in features]
@@ -152,15 +153,18 @@ class EMINetwork(nn.Module):
                 f"got {sorted(features)}"
             )
 
-    def _fuse(self, outputs: dict[str, BranchOutput]) -> EMIOutput:
-        stacked = [outputs[m].embedding for m in self.modalities]
-        if self.options.fusion == "concat":
-            fused = torch.cat(stacked, dim=-1)
-        else:
-            fused = torch.stack(stacked).mean(dim=0)
+    def _fuse(self, outputs: dict[str, BranchOutput], present: dict[str, Tensor]) -> EMIOutput:
+        embeddings = {m: o.embedding for m, o in outputs.items()}
+        steps = {m: o.steps for m, o in outputs.items()} if self.fusion.needs_steps else None
+        fused = self.fusion(FusionInput(embeddings, present, steps))
+        pred = self.head(fused.fused)
+        if pred.ndim == 3:  # one head input per target: output k of input k
+            pred = pred.diagonal(dim1=1, dim2=2).contiguous()
         return EMIOutput(
-            pred=self.head(fused),
+            pred=pred,
             aux={m: o.aux for m, o in outputs.items()},
             vad=outputs["audio"].vad if "audio" in outputs else None,
-            embeddings={m: o.embedding for m, o in outputs.items()},
+            embeddings=embeddings,
+            present=present,
+            weights=fused.weights,
         )

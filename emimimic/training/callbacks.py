@@ -12,7 +12,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 
-from emimimic.data.batches import FeatureBatch
+from emimimic.contract import FeatureBatch
 from emimimic.data.samplers import epoch_seed, run_seed
 from emimimic.training.metrics import EMIPearson
 

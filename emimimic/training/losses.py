@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from emimimic.models.network import EMIOutput
+from emimimic.contract import EMIOutput
+from emimimic.training.correlation import ccc, pearson
 
 
 def _authors_aux_weights() -> dict[str, float]:
@@ -21,6 +22,9 @@ class LossOptions:
     """The training objective's weights (``model.loss.*`` in the configs); the authors' values.
 
     Attributes:
+        lambda_mse: weight of the MSE term (0: off; MimicMetrics' CCC + MSE uses 0.3).
+        lambda_ccc: weight of the batch concordance loss ``1 - mean CCC`` (0: off, the default;
+            MimicMetrics uses 0.7).
         lambda_corr: weight of the batch Pearson loss after warm-up (0: off).
         corr_warmup_epochs: epochs of linear warm-up of the Pearson weight (0: none).
         lambda_aux: weight of the auxiliary branch losses (0: off).
@@ -28,6 +32,8 @@ class LossOptions:
         lambda_vad: weight of the VAD latent prior (0: off).
     """
 
+    lambda_mse: float = 1.0
+    lambda_ccc: float = 0.0
     lambda_corr: float = 0.1
     corr_warmup_epochs: int = 8
     lambda_aux: float = 0.03
@@ -35,48 +41,48 @@ class LossOptions:
     lambda_vad: float = 0.01
 
 
-def pearson_loss(pred: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
+def pearson_loss(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
     """Returns ``1 - mean_k r_k``, the batch Pearson loss over the ``K`` target columns.
 
-    Computed in float32 whatever the input dtype. A column whose prediction or target is constant
-    in the batch contributes ``r = 0`` (``eps`` keeps the denominator and its gradient finite).
-    A batch of fewer than two rows has no correlation: the loss is a zero tensor that stays
-    connected to ``pred`` (so every parameter still gets a, zero, gradient).
-
-    Args:
-        pred: Predictions ``[B, K]`` (or ``[B]``).
-        target: Targets of the same shape.
-        eps: Added to the product of the column variances under the square root.
+    Computed in float32 whatever the input dtype, by :func:`~emimimic.training.correlation.pearson`
+    (the one definition): a column whose prediction or target is constant in the batch
+    contributes ``r = 0``; a batch of fewer than two rows has no correlation and gives a zero
+    loss that stays connected to ``pred``. ``weight`` ``[B]`` weighs the clips.
     """
-    if pred.shape != target.shape:
-        raise ValueError(
-            f"pearson_loss: pred and target shapes differ: {tuple(pred.shape)} vs "
-            f"{tuple(target.shape)}"
-        )
-    p = pred.float()
-    t = target.float()
-    if p.ndim == 1:
-        p, t = p.unsqueeze(1), t.unsqueeze(1)
-    if p.shape[0] < 2:
-        return p.sum() * 0.0
-    pc = p - p.mean(dim=0)
-    tc = t - t.mean(dim=0)
-    cov = (pc * tc).sum(dim=0)
-    var_p = (pc * pc).sum(dim=0)
-    var_t = (tc * tc).sum(dim=0)
-    r = cov / torch.sqrt(var_p * var_t + eps)
-    return 1.0 - r.mean()
+    if pred.shape[0] < 2:
+        return pred.float().sum() * 0.0
+    return 1.0 - pearson(pred, target, weight).mean()
+
+
+def ccc_loss(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Returns ``1 - mean_k CCC_k``, the batch concordance loss (see :func:`pearson_loss`)."""
+    if pred.shape[0] < 2:
+        return pred.float().sum() * 0.0
+    return 1.0 - ccc(pred, target, weight).mean()
+
+
+def _weighted_mean(values: Tensor, weight: Tensor | None) -> Tensor:
+    """Returns the mean of per-clip ``values`` ``[B]``, weighted by ``weight`` ``[B]`` if given."""
+    if weight is None:
+        return values.mean()
+    w = weight.to(values.dtype)
+    return (w * values).sum() / w.sum()
 
 
 class EMILoss(nn.Module):
-    """Weighted sum of the paper's training terms, returned term by term.
+    """Weighted sum of the training terms, returned term by term.
 
-    ``loss = MSE(pred, y) + w_corr(epoch) * (1 - mean_k r_k) + lambda_aux * sum_m w_m *
-    SmoothL1(aux_m, y | m present) + lambda_vad * mean((vad - 0.5)^2 | audio present)``, with
-    ``w_corr(epoch) = lambda_corr * min(1, (epoch + 1) / corr_warmup_epochs)`` (full weight from
-    the start when ``corr_warmup_epochs == 0``). A lambda of 0 removes its term from ``loss``
-    (MSE only = the paper's concat baseline); the unweighted terms are still reported.
-    The VAD prior covers only clips with audio: an absent clip's VAD comes from zero rows.
+    ``loss = lambda_mse * MSE(pred, y) + lambda_ccc * (1 - mean_k CCC_k)
+    + w_corr(epoch) * (1 - mean_k r_k) + lambda_aux * sum_m w_m * SmoothL1(aux_m, y | m present)
+    + lambda_vad * mean((vad - 0.5)^2 | audio present)``, with ``w_corr(epoch) = lambda_corr *
+    min(1, (epoch + 1) / corr_warmup_epochs)`` (full weight from the start when
+    ``corr_warmup_epochs == 0``). A lambda of 0 removes its term from ``loss`` (MSE only = the
+    paper's concat baseline); the unweighted terms are still reported.
+
+    With per-clip sample weights every term is the weighted mean over clips (the batch Pearson
+    and CCC use weighted moments), so integer weights equal repeating the clips. The auxiliary
+    term of a branch covers the clips that have its modality, the VAD prior those with audio
+    (presence as the network used it: a modality dropped in training counts as absent).
 
     Args:
         options: the weights (default: the authors').
@@ -85,9 +91,12 @@ class EMILoss(nn.Module):
     def __init__(self, options: LossOptions | None = None) -> None:
         super().__init__()
         opts = options or LossOptions()
-        if min(opts.lambda_corr, opts.lambda_aux, opts.lambda_vad) < 0 or (
-                opts.corr_warmup_epochs < 0):
+        weights = (opts.lambda_mse, opts.lambda_ccc, opts.lambda_corr, opts.lambda_aux,
+                   opts.lambda_vad)
+        if min(weights) < 0 or opts.corr_warmup_epochs < 0:
             raise ValueError(f"loss weights and corr_warmup_epochs must be >= 0, got {opts}")
+        self.lambda_mse = float(opts.lambda_mse)
+        self.lambda_ccc = float(opts.lambda_ccc)
         self.lambda_corr = float(opts.lambda_corr)
         self.corr_warmup_epochs = int(opts.corr_warmup_epochs)
         self.lambda_aux = float(opts.lambda_aux)
@@ -106,19 +115,23 @@ class EMILoss(nn.Module):
         target: Tensor,
         present: Mapping[str, Tensor] | None = None,
         epoch: int = 0,
+        weight: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Returns the loss terms for a batch.
 
         Args:
             out: Network output.
             target: Targets ``[B, K]``.
-            present: Modality -> bool ``[B]``; ``None`` = every clip has every modality.
+            present: Modality -> bool ``[B]``, used where ``out.present`` is None; ``None`` =
+                every clip has every modality.
             epoch: Current epoch (0-based), for the Pearson warm-up.
+            weight: Per-clip sample weights ``[B]`` (None: all 1).
 
         Returns:
-            Dict of scalar tensors: ``"loss"`` (weighted total), ``"mse"``, ``"pearson"``
-            (``1 - mean r``), ``"aux"`` (``sum_m w_m * aux/<m>``), ``"aux/<m>"`` (masked
-            SmoothL1 of branch m) and ``"vad_prior"``.
+            Dict of scalar tensors: ``"loss"`` (weighted total), ``"mse"``, ``"ccc"``
+            (``1 - mean CCC``), ``"pearson"`` (``1 - mean r``), ``"aux"``
+            (``sum_m w_m * aux/<m>``), ``"aux/<m>"`` (masked SmoothL1 of branch m) and
+            ``"vad_prior"``.
         """
         pred = out.pred.float()
         target = target.float()
@@ -127,9 +140,16 @@ class EMILoss(nn.Module):
                 f"EMILoss: prediction shape {tuple(pred.shape)} does not match target shape "
                 f"{tuple(target.shape)}"
             )
+        if weight is not None:
+            weight = weight.to(device=pred.device, dtype=torch.float32)
+            if weight.shape != (pred.shape[0],):
+                raise ValueError(f"EMILoss: sample weights of shape {tuple(weight.shape)}, "
+                                 f"expected [{pred.shape[0]}]")
+        present = out.present if out.present is not None else present
         terms: dict[str, Tensor] = {
-            "mse": F.mse_loss(pred, target),
-            "pearson": pearson_loss(pred, target),
+            "mse": _weighted_mean(((pred - target) ** 2).mean(dim=1), weight),
+            "ccc": ccc_loss(pred, target, weight),
+            "pearson": pearson_loss(pred, target, weight),
         }
         aux_total = pred.new_zeros(())
         for m, aux in out.aux.items():
@@ -140,31 +160,37 @@ class EMILoss(nn.Module):
                 )
             mask = self._mask(present, m, aux)
             aux = aux.float()
-            if mask.any():
-                term = F.smooth_l1_loss(aux[mask], target[mask])
-            else:
-                # Zero but connected to the branch, so DDP sees a gradient for every parameter.
-                term = aux.sum() * 0.0
-            terms[f"aux/{m}"] = term
-            aux_total = aux_total + self.aux_weights[m] * term
+            per_clip = F.smooth_l1_loss(aux, target, reduction="none").mean(dim=1)
+            terms[f"aux/{m}"] = self._masked_mean(per_clip, mask, weight, aux)
+            aux_total = aux_total + self.aux_weights[m] * terms[f"aux/{m}"]
         terms["aux"] = aux_total
         if out.vad is None:
             terms["vad_prior"] = pred.new_zeros(())
         else:
             vad = out.vad.float()
-            mask = self._mask(present, "audio", vad)
-            terms["vad_prior"] = ((vad[mask] - 0.5) ** 2).mean() if mask.any() else vad.sum() * 0.0
+            per_clip = ((vad - 0.5) ** 2).mean(dim=1)
+            terms["vad_prior"] = self._masked_mean(per_clip, self._mask(present, "audio", vad),
+                                                   weight, vad)
 
-        loss = terms["mse"]
-        w_corr = self.corr_weight(epoch)
+        loss = pred.new_zeros(())
         # Skip zero-weighted terms rather than multiply by 0, so a NaN there cannot leak in.
-        if w_corr > 0:
-            loss = loss + w_corr * terms["pearson"]
-        if self.lambda_aux > 0:
-            loss = loss + self.lambda_aux * terms["aux"]
-        if self.lambda_vad > 0:
-            loss = loss + self.lambda_vad * terms["vad_prior"]
+        for name, lam in (("mse", self.lambda_mse), ("ccc", self.lambda_ccc),
+                          ("pearson", self.corr_weight(epoch)), ("aux", self.lambda_aux),
+                          ("vad_prior", self.lambda_vad)):
+            if lam > 0:
+                loss = loss + lam * terms[name]
         return {"loss": loss, **terms}
+
+    @staticmethod
+    def _masked_mean(values: Tensor, mask: Tensor, weight: Tensor | None, like: Tensor) -> Tensor:
+        """Returns the (weighted) mean of ``values`` over the clips in ``mask``.
+
+        With no clip in the mask the term is zero but connected to ``like``, so DDP sees a
+        gradient for every parameter.
+        """
+        if not mask.any():
+            return like.sum() * 0.0
+        return _weighted_mean(values[mask], None if weight is None else weight[mask])
 
     @staticmethod
     def _mask(present: Mapping[str, Tensor] | None, modality: str, like: Tensor) -> Tensor:

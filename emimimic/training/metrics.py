@@ -10,10 +10,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-#: A column counts as constant when its variance is at most this fraction of its mean square,
-#: i.e. its spread is below ~1e-5 of its magnitude (~100 float32 ulps): float32 rounding noise
-#: of a constant column sits many orders of magnitude below this, real predictions far above.
-CONSTANT_RELATIVE_VARIANCE: float = 1e-10
+from emimimic.training.correlation import constant, correlation_from_moments
 
 
 class EMIPearson(Metric):
@@ -77,12 +74,11 @@ class EMIPearson(Metric):
         mean_x, mean_y = self.sx / n, self.sy / n
         var_x = (self.sxx / n - mean_x * mean_x).clamp_min(0.0)
         var_y = (self.syy / n - mean_y * mean_y).clamp_min(0.0)
-        cov = self.sxy / n - mean_x * mean_y
-        const_x = var_x <= CONSTANT_RELATIVE_VARIANCE * (mean_x * mean_x + var_x)
-        const_y = var_y <= CONSTANT_RELATIVE_VARIANCE * (mean_y * mean_y + var_y)
-        undefined = const_x | const_y | (self.n < 2)
-        denom = torch.sqrt(torch.where(undefined, torch.ones_like(var_x), var_x * var_y))
-        r = torch.where(undefined, torch.zeros_like(cov), cov / denom).clamp(-1.0, 1.0)
+        r, undefined = correlation_from_moments(mean_x, mean_y, var_x, var_y,
+                                                self.sxy / n - mean_x * mean_y)
+        const_x, const_y = constant(mean_x, var_x), constant(mean_y, var_y)
+        undefined = undefined | (self.n < 2)
+        r = torch.where(undefined, torch.zeros_like(r), r)
         for k in torch.nonzero(undefined).flatten().tolist():
             if self.n[k] < 2:
                 why = f"only {int(self.n[k])} clip(s) were accumulated"

@@ -1,4 +1,5 @@
-"""The LightningModule that trains an :class:`~emimimic.models.EMINetwork`."""
+"""The LightningModule that trains a network: the paper's :class:`~emimimic.models.EMINetwork` or
+any ``nn.Module`` that follows :mod:`emimimic.contract`."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanSquaredError, MetricCollection
 
 from emimimic.constants import EMOTIONS
-from emimimic.data.batches import FeatureBatch
-from emimimic.errors import UserError
-from emimimic.models import EMINetwork, EMIOutput, NetworkOptions
+from emimimic.contract import EMIOutput, FeatureBatch
+from emimimic.errors import ConfigError, UserError
+from emimimic.models import EMINetwork
+from emimimic.models.spec import NetworkFactory, build_network
 from emimimic.training.losses import EMILoss, LossOptions
 from emimimic.training.metrics import EMIPearson
 
@@ -40,22 +42,30 @@ def _options(cls: type, value: Any) -> Any:
 
 
 class EMIModule(LightningModule):
-    """Trains the paper's multimodal regressor; owns losses, metrics, optimisation and logging.
+    """Trains a network; owns losses, metrics, optimisation and logging.
 
-    The network is a plain :class:`~emimimic.models.EMINetwork` in ``self.net``, built from the
-    hyper-parameters saved in every checkpoint, so ``EMIModule.load_from_checkpoint(path)`` alone
-    rebuilds the model.
+    The network is an argument: any ``nn.Module`` built as ``cls(dims, targets, **options)``
+    that takes a :class:`~emimimic.contract.FeatureBatch` and returns an
+    :class:`~emimimic.contract.EMIOutput` (:mod:`emimimic.contract`). It is built here, from
+    the dims and targets the data module links, and kept in ``self.net``; its class path and
+    options are saved in every checkpoint, so ``EMIModule.load_from_checkpoint(path)`` alone
+    rebuilds it (a class of your own too, when its module is importable).
 
     Args:
         dims: feature dimension per modality; its keys choose the modalities (linked from the
             data module by the CLI).
         targets: names of the regression targets (linked from the data module by the CLI).
-        network: architecture options (:class:`~emimimic.models.NetworkOptions`).
+        network: the network's class, ``functools.partial(cls, **options)``, or in YAML
+            ``class_path``/``init_args``; default the paper's :class:`~emimimic.models.EMINetwork`.
         loss: loss weights (:class:`~emimimic.training.losses.LossOptions`).
-        optimizer: optimizer factory, called with the network's parameters (default AdamW with
-            torch's defaults; the paper's lr 1e-4 and weight decay 1e-4 are set in its configs).
+        optimizer: optimizer factory, called with the network's parameter groups (default AdamW
+            with torch's defaults; the paper's lr 1e-4 and weight decay 1e-4 are in its configs).
         scheduler: LR-scheduler factory called with the optimizer; None anneals the learning rate
             with a cosine over ``max_epochs``, stepped per epoch.
+        lr_multipliers: per-part learning rates: network submodule name -> factor on the
+            optimizer's learning rate, e.g. ``{branches.visual: 0.1}`` (for ``EMINetwork`` the
+            parts are ``branches.<modality>``, ``fusion`` and ``head``); each names at least one
+            parameter; the rest keep the base rate.
     """
 
     #: Metric and direction that EarlyStopping and ModelCheckpoint follow.
@@ -66,10 +76,11 @@ class EMIModule(LightningModule):
         self,
         dims: dict[str, int] | None = None,
         targets: Sequence[str] = EMOTIONS,
-        network: NetworkOptions = NetworkOptions(),  # noqa: B008 (an immutable-in-use default)
-        loss: LossOptions = LossOptions(),  # noqa: B008
+        network: NetworkFactory = EMINetwork,
+        loss: LossOptions = LossOptions(),  # noqa: B008 (an immutable-in-use default)
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
+        lr_multipliers: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         if not dims:
@@ -78,13 +89,15 @@ class EMIModule(LightningModule):
                 "{'visual': 768, 'audio': 1024, 'text': 4096}; "
                 "the CLI links it from the data module."
             )
-        network, loss = _options(NetworkOptions, network), _options(LossOptions, loss)
+        loss = _options(LossOptions, loss)
         self.targets = list(targets)
-        self.save_hyperparameters({"dims": dict(dims), "targets": self.targets,
-                                   "network": asdict(network), "loss": asdict(loss)})
+        self.net, spec = build_network(network, dict(dims), self.targets)
+        self.lr_multipliers = dict(lr_multipliers or {})
+        self._param_groups()  # checks the names now, not at the first step
+        self.save_hyperparameters({"dims": dict(dims), "targets": self.targets, "network": spec,
+                                   "loss": asdict(loss), "lr_multipliers": self.lr_multipliers})
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.net = EMINetwork(dims=dict(dims), num_targets=len(self.targets), options=network)
         self.criterion = EMILoss(loss)
         metrics = MetricCollection({
             "pearson": EMIPearson(num_targets=len(self.targets), target_names=self.targets),
@@ -92,6 +105,28 @@ class EMIModule(LightningModule):
         })
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """Returns the parameter groups: one per ``lr_multipliers`` entry, then the rest.
+
+        Raises:
+            ConfigError: a name matches no parameter, or a parameter matches two names.
+        """
+        groups: dict[str, list[torch.nn.Parameter]] = {name: [] for name in self.lr_multipliers}
+        rest = []
+        for pname, param in self.net.named_parameters():
+            owners = [n for n in groups if pname == n or pname.startswith(f"{n}.")]
+            if len(owners) > 1:
+                raise ConfigError(f"lr_multipliers: parameter {pname!r} is in both {owners}")
+            (groups[owners[0]] if owners else rest).append(param)
+        empty = [n for n, params in groups.items() if not params]
+        if empty:
+            parts = sorted({n.rsplit(".", 1)[0] for n, _ in self.net.named_parameters()})
+            raise ConfigError(f"lr_multipliers: {empty} name no part of the network; its parts "
+                              f"with parameters include {parts[:12]}")
+        out = [{"params": params, "lr_multiplier": float(self.lr_multipliers[n]), "part": n}
+               for n, params in groups.items()]
+        return [*out, {"params": rest, "lr_multiplier": 1.0, "part": "rest"}] if rest else out
 
     def forward(self, batch: FeatureBatch) -> EMIOutput:
         """Returns the network's :class:`~emimimic.models.EMIOutput` for a batch."""
@@ -102,7 +137,8 @@ class EMIModule(LightningModule):
             raise ValueError(f"training needs a labelled split; the batch with clips "
                              f"{batch.ids[:3]}... has no targets")
         present = {m: batch.present(m) for m in batch.modalities}
-        terms = self.criterion(self(batch), batch.target, present, epoch=self.current_epoch)
+        terms = self.criterion(self(batch), batch.target, present, epoch=self.current_epoch,
+                               weight=batch.weight)
         self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()},
                       batch_size=len(batch), on_step=True, on_epoch=True)
         return terms["loss"]
@@ -145,8 +181,15 @@ class EMIModule(LightningModule):
         return StepPredictions(list(batch.ids), self(batch).pred.float().clamp(0.0, 1.0))
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """The optimizer factory's optimizer; cosine annealing over ``max_epochs`` by default."""
-        optimizer = self.optimizer_factory(self.net.parameters())
+        """The optimizer factory's optimizer; cosine annealing over ``max_epochs`` by default.
+
+        The optimizer gets one parameter group per ``lr_multipliers`` entry, its learning rate
+        the factory's times the multiplier (set before the scheduler records the base rates).
+        """
+        groups = self._param_groups()
+        optimizer = self.optimizer_factory([{"params": g["params"]} for g in groups])
+        for group, spec in zip(optimizer.param_groups, groups, strict=True):
+            group["lr"] = group["lr"] * spec["lr_multiplier"]
         if self.scheduler_factory is not None:
             scheduler = self.scheduler_factory(optimizer)
         else:

@@ -8,14 +8,16 @@ A store is a folder::
     STORE/<split>/<modality>.f16        float16 rows [R, D], all clips of the split back to back
     STORE/<split>/<modality>.index.npy  int64 [N, 3] = (row_start, stored_rows, raw_T);
                                         stored_rows == 0 means the clip has no data for the modality
+    STORE/<split>/weights.npy           float32 [N] per-clip sample weights (optional: splits
+                                        whose manifest entry says ``"weighted": true``)
 
 ``manifest.json`` holds ``format_version``, ``targets`` (names, in label-column order), ``steps``
 (128), ``modalities`` ({name: {dim, dtype: "float16"}}), ``splits`` ({name: {count, labelled,
-present: {modality: clips with data}}}) and ``provenance`` (where the features came from;
-synthetic stores say so there).
+present: {modality: clips with data}, weighted (optional, default false)}}) and ``provenance``
+(where the features came from; synthetic stores say so there).
 
 Storage rule: a clip whose raw sequence has T > 128 steps is stored as its 128 pooled rows; a clip
-with T <= 128 is stored raw (T rows) and pooled when read (:mod:`emimimic.data.pooling`). Either way
+with T <= 128 is stored raw (T rows) and pooled when read (:mod:`emimimic.pooling`). Either way
 a read equals ``adaptive_avg_pool1d`` of the raw rows in float32, cast to float16.
 """
 
@@ -36,6 +38,7 @@ from emimimic.errors import UserError
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LABELS = "labels.csv"
+WEIGHTS = "weights.npy"
 #: Largest magnitude a float16 can hold; larger raw values cannot be stored faithfully.
 FLOAT16_MAX = 65504.0
 
@@ -52,6 +55,25 @@ def data_file(split_dir: Path, modality: str) -> Path:
 def index_file(split_dir: Path, modality: str) -> Path:
     """Returns the path of a split's finished index of ``modality``."""
     return split_dir / f"{modality}.index.npy"
+
+
+def check_weights(weights: np.ndarray, where: str, ids: Sequence[str] | None = None) -> np.ndarray:
+    """Returns per-clip sample weights as float32 [N] after checking them.
+
+    Raises:
+        StoreError: a weight is not finite or negative (naming the clip when ``ids`` are given),
+            or all are zero.
+    """
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    bad = ~np.isfinite(w) | (w < 0)
+    if bad.any():
+        i = int(np.argmax(bad))
+        clip = f" (clip {ids[i]})" if ids is not None else ""
+        raise StoreError(f"{where}: sample weight {w[i]!r} at row {i}{clip}; expected a finite "
+                         "number >= 0")
+    if w.size and not (w > 0).any():
+        raise StoreError(f"{where}: every sample weight is 0; expected some clip to count")
+    return w.astype(np.float32)
 
 
 def normalise_id(value: str, where: str) -> str:

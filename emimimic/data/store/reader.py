@@ -12,16 +12,18 @@ import numpy as np
 import torch
 
 from emimimic.constants import STEPS
-from emimimic.data.pooling import expand_rows
 from emimimic.data.store.format import (
     LABELS,
     MANIFEST,
+    WEIGHTS,
     StoreError,
     check_manifest,
+    check_weights,
     data_file,
     index_file,
     read_labels_csv,
 )
+from emimimic.pooling import expand_rows
 
 
 class SplitView:
@@ -44,10 +46,25 @@ class SplitView:
         if len(self.ids) != info["count"]:
             raise StoreError(f"{self.folder / LABELS}: {len(self.ids)} clips, "
                              f"manifest says {info['count']}")
+        #: float32 [N] per-clip sample weights, or None when the split has none.
+        self.weights = self._read_weights() if info.get("weighted") else None
         self._index = {m: self._check_index(m, dim) for m, dim in self.dims.items()}
         self._files: dict[str, Any] = {}
         self._preloaded: dict[str, np.ndarray] = {}
         self._pid = os.getpid()
+
+    def _read_weights(self) -> np.ndarray:
+        path = self.folder / WEIGHTS
+        if not path.is_file():
+            raise StoreError(f"{path}: missing; the manifest says split {self.name!r} is weighted")
+        try:
+            weights = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise StoreError(f"{path}: not a readable .npy array ({err})") from None
+        if weights.shape != (len(self.ids),) or weights.dtype != np.float32:
+            raise StoreError(f"{path}: expected float32 [{len(self.ids)}], got {weights.dtype} "
+                             f"{tuple(weights.shape)}")
+        return check_weights(weights, str(path), self.ids)
 
     def _check_index(self, m: str, dim: int) -> np.ndarray:
         path = index_file(self.folder, m)

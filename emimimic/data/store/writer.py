@@ -14,39 +14,48 @@ import numpy as np
 import torch
 
 from emimimic.constants import STEPS
-from emimimic.data.pooling import pool_reference
 from emimimic.data.store.format import (
     FLOAT16_MAX,
     LABELS,
     MANIFEST,
+    WEIGHTS,
     StoreError,
+    check_weights,
     data_file,
     index_file,
     make_manifest,
     write_labels_csv,
 )
+from emimimic.pooling import pool_reference
 
 PROGRESS = "progress.json"
 
 
 @dataclass
 class SplitSpec:
-    """What one split of a store will hold: its clip ids and labels (None: unlabelled).
+    """What one split of a store will hold: its clip ids, labels and sample weights.
 
     Attributes:
         name: the split's name.
         ids: clip ids, in store order.
         labels: float [N, K] labels, or None for an unlabelled split.
+        weights: float [N] per-clip sample weights for the loss, or None.
     """
 
     name: str
     ids: list[str]
     labels: np.ndarray | None
+    weights: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.ids = list(self.ids)
         if self.labels is not None:
             self.labels = np.asarray(self.labels, dtype=np.float64)
+        if self.weights is not None:
+            self.weights = check_weights(self.weights, f"split {self.name!r}", self.ids)
+            if self.weights.shape != (len(self.ids),):
+                raise StoreError(f"split {self.name!r}: {self.weights.shape[0]} sample weights "
+                                 f"for {len(self.ids)} clips")
 
 
 @dataclass
@@ -156,6 +165,8 @@ class StoreWriter:
         for s in self.splits.values():
             h.update(json.dumps([s.name, s.ids]).encode())
             h.update(b"" if s.labels is None else np.ascontiguousarray(s.labels).tobytes())
+            if s.weights is not None:  # (stores without weights keep their old fingerprint)
+                h.update(b"weights" + s.weights.tobytes())
         return h.hexdigest()
 
     def _index_part(self, split: str, m: str) -> Path:
@@ -186,6 +197,8 @@ class StoreWriter:
         for name, spec in self.splits.items():
             (self.partial / name).mkdir()
             write_labels_csv(self.partial / name / LABELS, self.targets, spec.ids, spec.labels)
+            if spec.weights is not None:
+                np.save(self.partial / name / WEIGHTS, spec.weights, allow_pickle=False)
             for m in self.dims:
                 data_file(self.partial / name, m).touch()
                 self._index_part(name, m).touch()
@@ -287,6 +300,8 @@ class StoreWriter:
                 present[m] = int((index[:, 1] > 0).sum())
             splits[name] = {"count": len(spec.ids), "labelled": spec.labels is not None,
                             "present": present}
+            if spec.weights is not None:
+                splits[name]["weighted"] = True
         for path in self.partial.rglob("*"):
             if path.is_file():
                 _fsync(path)
