@@ -245,5 +245,45 @@ def vad_histograms(vad: np.ndarray, names: Sequence[str] = ("V", "A", "D"),
     return fig
 
 
-__all__ = ["DPI", "interval_rows", "pearson_bars", "save_png", "scatter_grid",
-           "training_curves", "vad_histograms"]
+def modality_weights(weights: Mapping[str, np.ndarray],
+                     target_names: Sequence[str] | None = None) -> Figure:
+    """Returns which modality a weighing fusion relied on, per target and per clip.
+
+    One panel per target: the clips along x (sorted by the first modality's weight) and each
+    clip's weights stacked to 1; the legend gives each modality's mean weight over the clips.
+
+    Args:
+        weights: modality -> ``[N, K]`` weights (``EMIOutput.weights`` of the ``gated`` fusion,
+            e.g. from :func:`emimimic.training.dashboard.predict_split`).
+        target_names: the K target names (default the six EMI emotions when K is 6).
+    """
+    names = list(weights)
+    stacked = np.stack([np.asarray(weights[m], dtype=float) for m in names], axis=-1)
+    if stacked.ndim != 3:
+        raise ValueError(f"weights must be modality -> [N, K], got shape {stacked.shape[:-1]}")
+    n, k, _ = stacked.shape
+    targets = _target_names(k, target_names)
+    cols = min(3, k)
+    rows = -(-k // cols)
+    fig = _figure(3.6 * cols, 2.6 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    colors = ["tab:orange", "tab:green", "tab:blue", "tab:purple", "tab:red"]
+    for j, ax in enumerate(axes.flat):
+        if j >= k:
+            ax.set_axis_off()
+            continue
+        order = np.argsort(stacked[:, j, 0], kind="stable")
+        ax.stackplot(np.arange(n), *(stacked[order, j, i] for i in range(len(names))),
+                     colors=colors[:len(names)],
+                     labels=[f"{m} {stacked[:, j, i].mean():.2f}" for i, m in enumerate(names)])
+        ax.set_title(targets[j], fontsize=9)
+        ax.set_xlim(0, max(n - 1, 1))
+        ax.set_ylim(0, 1)
+        ax.set_xlabel(f"clips (sorted by {names[0]} weight)", fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", title="mean weight", title_fontsize=7)
+    axes[0, 0].set_ylabel("modality weight")
+    return fig
+
+
+__all__ = ["DPI", "interval_rows", "modality_weights", "pearson_bars", "save_png",
+           "scatter_grid", "training_curves", "vad_histograms"]

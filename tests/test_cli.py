@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -385,3 +386,57 @@ def test_the_checkpoint_decides_the_model(store, tmp_path, capsys):
         err = _main_error(capsys, *_quickstart("validate", store, root, "--ckpt_path", form,
                                                "--model.network.fusion", "average"))
         assert "fusion 'average' conflicts with the checkpoint's 'concat'" in err
+
+
+USER_NETWORK = '''
+import torch
+from emimimic.contract import EMIOutput
+
+
+class MeanNet(torch.nn.Module):
+    """Each modality's time mean, projected, concatenated, one linear head."""
+
+    def __init__(self, dims, targets, width: int = 8):
+        super().__init__()
+        self.names = sorted(dims)
+        self.proj = torch.nn.ModuleDict({m: torch.nn.Linear(d, width) for m, d in dims.items()})
+        self.head = torch.nn.Linear(width * len(dims), len(targets))
+
+    def forward(self, batch):
+        parts = [self.proj[m](batch.dense(m).float().mean(1)) for m in self.names]
+        return EMIOutput(pred=torch.sigmoid(self.head(torch.cat(parts, -1))), aux={})
+'''
+
+
+@pytest.mark.slow
+def test_a_network_of_ones_own_trains_and_predicts_from_its_checkpoint_alone(store, tmp_path,
+                                                                           monkeypatch):
+    package = tmp_path / "mine"
+    package.mkdir()
+    (package / "usernet.py").write_text(USER_NETWORK)
+    config = tmp_path / "user.yaml"
+    config.write_text("model:\n  network:\n    class_path: usernet.MeanNet\n"
+                      "    init_args: {width: 5}\n")
+    env = {"PYTHONPATH": f"{package}{os.pathsep}{REPO / 'tests'}"}
+    root = tmp_path / "run"
+    _run(*_quickstart("fit", store, root, "-c", str(config), "--trainer.max_epochs", "1"),
+         env=env)
+    best = best_checkpoint(str(root / "checkpoints"))
+    out = tmp_path / "sub.csv"
+    # predict with no config at all: the checkpoint names the network and its options
+    _run("predict", "--data.store", store, "--ckpt_path", best, "--submission.path", str(out),
+         "--trainer.default_root_dir", str(tmp_path / "elsewhere"), env=env)
+    written = pd.read_csv(out, dtype={"Filename": str}).set_index("Filename")
+
+    monkeypatch.syspath_prepend(str(package))
+    from emimimic.data import EMIDataModule
+    from emimimic.training import EMIModule
+
+    model = EMIModule.load_from_checkpoint(best, map_location="cpu").eval()
+    assert type(model.net).__name__ == "MeanNet" and model.net.head.in_features == 5 * 3
+    assert model.hparams.network == {"class_path": "usernet.MeanNet", "init_args": {"width": 5}}
+    data = EMIDataModule(store, batch_size=64)
+    plan = data.dataset("test").__getitems__(list(range(len(data.dataset("test")))))
+    with torch.no_grad():
+        expected = model(data.prepare_batch(plan)).pred.numpy()
+    np.testing.assert_allclose(written.loc[plan.ids].to_numpy(), expected, atol=1e-6)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from emimimic.cli import cli_main
+from emimimic.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_BASE = REPO / "configs" / "paper" / "base.yaml"
@@ -108,3 +110,38 @@ def test_default_optimizer_is_adamw_with_cosine(demo_store):
     assert (group["lr"], group["weight_decay"]) == (1e-4, 1e-4)
     scheduler = config["lr_scheduler"]["scheduler"]
     assert type(scheduler).__name__ == "CosineAnnealingLR" and scheduler.T_max == 30
+
+
+PEERS = sorted((REPO / "configs" / "peers").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("peer", PEERS, ids=lambda p: p.stem)
+def test_peer_config_trains_on_the_demo_protocol(demo_store, peer, tmp_path):
+    """Each peer's parts run: a fast_dev_run fit over the quickstart protocol."""
+    cli = _build([REPO / "configs" / "quickstart.yaml", peer], demo_store,
+                 "--trainer.fast_dev_run", "2", "--trainer.default_root_dir", str(tmp_path),
+                 "--trainer.enable_progress_bar", "false")
+    before = {n: p.detach().clone() for n, p in cli.model.net.named_parameters()}
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    moved = [n for n, p in cli.model.net.named_parameters() if not torch.equal(p, before[n])]
+    assert moved and cli.trainer.global_step == 2
+
+
+def test_lr_multipliers_give_each_part_its_learning_rate(demo_store):
+    cli = _build([REPO / "configs" / "quickstart.yaml", REPO / "configs" / "peers" /
+                  "netease_fuxi.yaml"], demo_store)
+    cli.model.trainer = cli.trainer
+    optimizer = cli.model.configure_optimizers()["optimizer"]
+    names = {id(p): n for n, p in cli.model.net.named_parameters()}
+    base = 1e-3  # the quickstart's AdamW rate
+    seen = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            slow = name.startswith(("branches.visual.", "head."))
+            assert group["lr"] == pytest.approx(base * (0.01 if slow else 1.0)), name
+            seen += 1
+    assert seen == len(names)
+    with pytest.raises(ConfigError, match="name no part of the network"):
+        _build([REPO / "configs" / "quickstart.yaml"], demo_store,
+               "--model.lr_multipliers", "{branches.face: 0.1}")

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from emimimic.models import EMIOutput
-from emimimic.training.losses import EMILoss, LossOptions, pearson_loss
+from emimimic.contract import EMIOutput
+from emimimic.training.correlation import ccc
+from emimimic.training.losses import EMILoss, LossOptions, ccc_loss, pearson_loss
 
 
 def _np_pearson_loss(p: np.ndarray, t: np.ndarray) -> float:
@@ -187,8 +188,129 @@ def test_emi_loss_single_clip_and_constant_columns_are_finite():
             assert terms["pearson"].item() == 0.0
 
 
-@pytest.mark.parametrize("field", ["lambda_corr", "lambda_aux", "lambda_vad", "corr_warmup_epochs"])
+@pytest.mark.parametrize("field", ["lambda_mse", "lambda_ccc", "lambda_corr", "lambda_aux",
+                                   "lambda_vad", "corr_warmup_epochs"])
 def test_negative_options_are_rejected(field):
     with pytest.raises(ValueError, match="must be >= 0"):
         EMILoss(LossOptions(**{field: -1}))
 
+
+
+# --- CCC and per-clip sample weights ------------------------------------------------------------
+
+
+def _np_ccc(p: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Lin's concordance per column, written out with numpy's population moments."""
+    mp, mt = p.mean(0), t.mean(0)
+    cov = ((p - mp) * (t - mt)).mean(0)
+    return 2 * cov / (p.var(0) + t.var(0) + (mp - mt) ** 2)
+
+
+def test_ccc_matches_numpy_and_penalises_shift_and_scale():
+    rng = np.random.default_rng(10)
+    t = rng.random((40, 6))
+    p = 0.6 * t + 0.3 * rng.random((40, 6)) + 0.1
+    got = ccc(torch.tensor(p, dtype=torch.float32), torch.tensor(t, dtype=torch.float32))
+    np.testing.assert_allclose(got.numpy(), _np_ccc(p, t), atol=1e-5)
+    assert ccc_loss(torch.tensor(p), torch.tensor(t)).item() == pytest.approx(
+        1 - _np_ccc(p, t).mean(), abs=1e-5)
+    # unlike Pearson's r, a shifted or scaled copy of the target is not in full agreement
+    tt = torch.tensor(t)
+    assert ccc(tt, tt).numpy() == pytest.approx(np.ones(6), abs=1e-6)
+    assert (ccc(tt + 0.2, tt) < 0.9).all() and (ccc(2 * tt, tt) < 0.95).all()
+    # constant columns: no concordance, no NaN
+    const = ccc(torch.full((5, 2), 0.3), torch.full((5, 2), 0.3))
+    assert torch.equal(const, torch.zeros(2))
+
+
+def test_ccc_term_and_mse_weight_enter_the_loss():
+    rng = np.random.default_rng(11)
+    out = _output(rng, 16, 6, ("text",), vad=False)
+    y = torch.tensor(rng.random((16, 6)), dtype=torch.float32)
+    options = LossOptions(lambda_mse=0.3, lambda_ccc=0.7, lambda_corr=0.0, lambda_aux=0.0,
+                          lambda_vad=0.0)
+    terms = EMILoss(options)(out, y)
+    p, yn = out.pred.detach().numpy(), y.numpy()
+    expected = 0.3 * np.mean((p - yn) ** 2) + 0.7 * (1 - _np_ccc(p, yn).mean())
+    assert terms["ccc"].item() == pytest.approx(1 - _np_ccc(p, yn).mean(), abs=1e-5)
+    assert terms["loss"].item() == pytest.approx(expected, abs=1e-5)
+
+
+def _weighted_np(p, y, aux, vad, present, w):
+    """Every loss term as a weighted mean over clips, written out with numpy."""
+    def mean(values, rows):
+        return float(np.sum(w[rows] * values[rows]) / np.sum(w[rows]))
+
+    def moments(a, b):
+        wn = w[:, None] / w.sum()
+        ma, mb = (wn * a).sum(0), (wn * b).sum(0)
+        va, vb = (wn * (a - ma) ** 2).sum(0), (wn * (b - mb) ** 2).sum(0)
+        return ma, mb, va, vb, (wn * (a - ma) * (b - mb)).sum(0)
+
+    all_rows = np.ones(len(w), dtype=bool)
+    ma, mb, va, vb, cov = moments(p, y)
+    d = np.abs(aux - y)
+    smooth = np.where(d < 1.0, 0.5 * d ** 2, d - 0.5).mean(1)
+    return {
+        "mse": mean(((p - y) ** 2).mean(1), all_rows),
+        "pearson": 1 - float(np.mean(cov / np.sqrt(va * vb))),
+        "ccc": 1 - float(np.mean(2 * cov / (va + vb + (ma - mb) ** 2))),
+        "aux/audio": mean(smooth, present),
+        "vad_prior": mean(((vad - 0.5) ** 2).mean(1), present),
+    }
+
+
+def test_sample_weights_make_every_term_a_weighted_mean():
+    rng = np.random.default_rng(12)
+    b = 12
+    out = _output(rng, b, 6, ("audio",), vad=True)
+    y = torch.tensor(rng.random((b, 6)), dtype=torch.float32)
+    present = {"audio": torch.tensor([True, False] * 6)}
+    w = rng.random(b) * 3
+    options = LossOptions(lambda_ccc=0.5, aux_weights={"audio": 1.0})
+    terms = EMILoss(options)(out, y, present, epoch=100, weight=torch.tensor(w))
+    expected = _weighted_np(out.pred.detach().numpy(), y.numpy(), out.aux["audio"].detach().numpy(),
+                            out.vad.detach().numpy(), present["audio"].numpy(), w)
+    for name, value in expected.items():
+        assert terms[name].item() == pytest.approx(value, abs=1e-5), name
+    unweighted = EMILoss(options)(out, y, present, epoch=100)
+    assert abs(unweighted["mse"].item() - terms["mse"].item()) > 1e-4  # the weights matter
+    ones = EMILoss(options)(out, y, present, epoch=100, weight=torch.ones(b))
+    for name in expected:  # weights of 1 change nothing
+        assert ones[name].item() == pytest.approx(unweighted[name].item(), abs=1e-6), name
+
+
+def test_integer_sample_weights_equal_repeated_clips():
+    rng = np.random.default_rng(13)
+    b = 9
+    out = _output(rng, b, 6, ("audio", "text"), vad=True)
+    y = torch.tensor(rng.random((b, 6)), dtype=torch.float32)
+    present = {"audio": torch.tensor([True, True, False] * 3), "text": torch.ones(b, dtype=bool)}
+    counts = torch.tensor([1, 3, 2, 1, 1, 4, 2, 1, 3])
+    options = LossOptions(lambda_ccc=0.4)
+    weighted = EMILoss(options)(out, y, present, epoch=100, weight=counts.float())
+    rows = torch.repeat_interleave(torch.arange(b), counts)
+    repeated = EMIOutput(pred=out.pred[rows], aux={m: a[rows] for m, a in out.aux.items()},
+                         vad=out.vad[rows])
+    plain = EMILoss(options)(repeated, y[rows], {m: p[rows] for m, p in present.items()},
+                             epoch=100)
+    for name, value in plain.items():
+        assert weighted[name].item() == pytest.approx(value.item(), abs=1e-5), name
+
+
+def test_the_networks_presence_masks_take_precedence():
+    """A modality dropped in training has no auxiliary loss, like an absent one."""
+    rng = np.random.default_rng(14)
+    out = _output(rng, 6, 6, ("audio",), vad=True)
+    y = torch.tensor(rng.random((6, 6)), dtype=torch.float32)
+    batch_present = {"audio": torch.ones(6, dtype=torch.bool)}
+    used = torch.tensor([True, False, True, False, True, True])
+    out.present = {"audio": used}
+    terms = EMILoss()(out, y, batch_present)
+    reference = EMILoss()(out, y, {"audio": used})
+    out.present = None
+    assert terms["aux/audio"].item() == pytest.approx(
+        EMILoss()(out, y, {"audio": used})["aux/audio"].item())
+    assert terms["aux/audio"].item() == pytest.approx(reference["aux/audio"].item())
+    assert terms["aux/audio"].item() != pytest.approx(
+        EMILoss()(out, y, batch_present)["aux/audio"].item())

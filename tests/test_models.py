@@ -20,6 +20,10 @@ from emimimic.pooling import pool_reference
 ODD_DIMS = {"visual": 7, "audio": 11, "text": 13}
 VARIANTS = list(itertools.product(("concat", "average"), ("mean", "attention"), (False, True),
                                   (False, True)))
+# the parts other teams won with: fusions over embeddings or steps, LSTM pooling
+VARIANTS += [("gated", "mean", False, True), ("gated", "attention", False, False),
+             ("text_query", "mean", False, True), ("text_query", "lstm", False, False),
+             ("concat", "lstm", False, True), ("gated", "lstm", True, True)]
 VARIANT_IDS = [f"{f}-{p}-{'temporal' if t else 'flat'}-{'vad' if v else 'novad'}"
                for f, p, t, v in VARIANTS]
 
@@ -58,6 +62,7 @@ def test_output_shapes_for_every_configuration(fusion, pooling, temporal, vad):
     assert all(a.shape == (3, 5) for a in out.aux.values())
     assert all(e.shape == (3, 256) for e in out.embeddings.values())
     assert ((out.pred >= 0) & (out.pred <= 1)).all()
+    assert (out.weights is not None) == (fusion == "gated")
     if vad:
         assert out.vad.shape == (3, 3)
         assert isinstance(net.branches["audio"], AudioVADBranch)
@@ -65,7 +70,7 @@ def test_output_shapes_for_every_configuration(fusion, pooling, temporal, vad):
         assert out.vad is None
         assert type(net.branches["audio"]) is ModalityBranch
     fused = net.head[0].normalized_shape[0]
-    assert fused == (256 * 3 if fusion == "concat" else 256)
+    assert fused == (256 * 3 if fusion in ("concat", "text_query") else 256)
 
 
 @pytest.mark.parametrize(
@@ -283,6 +288,9 @@ def assert_outputs_close(a, b, atol: float = 1e-5) -> None:
     assert (a.vad is None) == (b.vad is None)
     if a.vad is not None:
         torch.testing.assert_close(a.vad, b.vad, atol=atol, rtol=0)
+    assert (a.weights is None) == (b.weights is None)
+    for m in a.weights or {}:
+        torch.testing.assert_close(a.weights[m], b.weights[m], atol=atol, rtol=0)
 
 
 @pytest.fixture(scope="module")

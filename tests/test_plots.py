@@ -161,3 +161,20 @@ def test_import_is_light_and_pyplot_free():
         "assert 'matplotlib' in sys.modules and 'matplotlib.pyplot' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_modality_weights_png(tmp_path):
+    rng = np.random.default_rng(5)
+    raw = rng.random((40, 6, 3))
+    raw[:, :, 2] *= 4  # text weighs most
+    w = raw / raw.sum(-1, keepdims=True)
+    weights = {m: w[..., i] for i, m in enumerate(("visual", "audio", "text"))}
+    fig = plots.modality_weights(weights, EMOTIONS)
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    assert [ax.get_title() for ax in panels] == list(EMOTIONS)
+    legend = [t.get_text() for t in panels[0].get_legend().get_texts()]
+    assert legend == [f"{m} {w[:, 0, i].mean():.2f}" for i, m in enumerate(weights)]
+    pixels = _image(plots.save_png(fig, tmp_path / "weights.png"))
+    assert pixels.shape[:2] == (520, 1080) and _ink(pixels) > 0.2
+    with pytest.raises(ValueError, match=r"\[N, K\]"):
+        plots.modality_weights({"text": np.ones(5)})

@@ -112,6 +112,8 @@ def build_network(network: NetworkFactory | Mapping[str, Any], dims: Mapping[str
             ``nn.Module``, or has options that are not plain values.
     """
     cls, options = _factory_parts(network)
+    if cls is not None:
+        _filled(cls, options)  # refuses options the class does not take, before building
     if isinstance(network, Mapping):
         built = cls(dict(dims), list(targets), **options)  # type: ignore[misc]
     else:

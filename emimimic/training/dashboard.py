@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from emimimic.constants import ID_COLUMN
 from emimimic.data.datamodule import EMIDataModule
-from emimimic.models import EMINetwork
+from emimimic.training.checkpoints import load_checkpoint
 
 
 @dataclass
@@ -26,12 +26,15 @@ class SplitPredictions:
         pred: float32 [N, K] predictions.
         target: float32 [N, K] labels, or None for an unlabelled split.
         vad: float32 [N, 3] audio VAD latents (NaN rows for clips without audio), or None.
+        weights: modality -> float32 [N, K] weights a weighing fusion gave each modality
+            (``gated``), or None.
     """
 
     ids: list[str]
     pred: np.ndarray
     target: np.ndarray | None
     vad: np.ndarray | None
+    weights: dict[str, np.ndarray] | None = None
 
     def table(self, targets: list[str]) -> pd.DataFrame:
         """Returns one row per clip: id, each target's label (``true/…``) and prediction."""
@@ -44,13 +47,14 @@ class SplitPredictions:
 
 
 @torch.no_grad()
-def predict_split(net: EMINetwork, data: EMIDataModule, split: str,
+def predict_split(net: torch.nn.Module, data: EMIDataModule, split: str,
                   device: torch.device | str = "cpu") -> SplitPredictions:
     """Returns ``net``'s predictions (eval mode) over every clip of ``split`` of ``data``."""
     was_training = net.training
     net.eval()
     dataset = data.dataset(split)
     ids, preds, targets, vads = [], [], [], []
+    weights: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(dataset), data.batch_size):
         plan = dataset.__getitems__(range(start, min(start + data.batch_size, len(dataset))))
         batch = data.prepare_batch(plan, device)
@@ -63,10 +67,14 @@ def predict_split(net: EMINetwork, data: EMIDataModule, split: str,
             vad = out.vad.float().cpu()
             vad[~batch.present("audio").cpu()] = float("nan")
             vads.append(vad)
+        for m, w in (out.weights or {}).items():
+            weights.setdefault(m, []).append(w.float().cpu())
     net.train(was_training)
     return SplitPredictions(ids=ids, pred=torch.cat(preds).numpy(),
                             target=torch.cat(targets).numpy() if targets else None,
-                            vad=torch.cat(vads).numpy() if vads else None)
+                            vad=torch.cat(vads).numpy() if vads else None,
+                            weights={m: torch.cat(w).numpy() for m, w in weights.items()}
+                            or None)
 
 
 class WandbDashboard(Callback):
@@ -75,7 +83,9 @@ class WandbDashboard(Callback):
     With the EMA weights of the best checkpoint: a per-target Pearson bar chart
     (``best/pearson_bars``), a predicted-vs-true scatter per target (``best/scatter``) and a table
     of the validation predictions (``best/predictions``: clip id, targets, predictions), plus
-    ``best/pearson`` and ``best/epoch`` in the run summary. Does nothing without a WandbLogger.
+    ``best/pearson`` and ``best/epoch`` in the run summary; with a weighing fusion (``gated``)
+    also each modality's weight per target and clip (``best/modality_weights``). Does nothing
+    without a WandbLogger.
     """
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -88,7 +98,7 @@ class WandbDashboard(Callback):
         from emimimic import plots
         from emimimic.experiments.stats import pearson
 
-        checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint(best)
         net = copy.deepcopy(pl_module.net)
         net.load_state_dict({k[len("net."):]: v for k, v in checkpoint["state_dict"].items()
                              if k.startswith("net.")})
@@ -96,12 +106,16 @@ class WandbDashboard(Callback):
         result = predict_split(net, data, data.split_names["validate"], pl_module.device)
         targets = list(pl_module.targets)
         r = pearson(result.pred, result.target, targets)
-        logger.experiment.log({
+        media = {
             "best/pearson_bars": wandb.Image(_rgb(plots.pearson_bars(r, targets))),
             "best/scatter": wandb.Image(_rgb(plots.scatter_grid(result.pred, result.target,
                                                                 targets))),
             "best/predictions": wandb.Table(dataframe=result.table(targets)),
-        })
+        }
+        if result.weights:
+            media["best/modality_weights"] = wandb.Image(
+                _rgb(plots.modality_weights(result.weights, targets)))
+        logger.experiment.log(media)
         logger.experiment.summary["best/pearson"] = float(np.mean(r))
         logger.experiment.summary["best/epoch"] = int(checkpoint["epoch"])
 

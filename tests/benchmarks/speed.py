@@ -12,7 +12,11 @@ threads, in alternating rounds (the best round of each row is printed):
   the one-matmul backward (``norm_linear``), steps gathered after the projection;
 * ``windows, bf16-mixed``: the same under ``torch.autocast("cpu", torch.bfloat16)``;
 * ``matmul bound``: only the projector matmuls of the windows path, same shapes, no model
-  (train: forward + the one backward matmul; eval: forward), in fp32 and bf16.
+  (train: forward + the one backward matmul; eval: forward), in fp32 and bf16;
+* the parts other teams won with, 32-true, each in the paper's final model otherwise:
+  ``text_query`` and ``gated`` fusion, ``lstm`` pooling, modality dropout 0.1. ``text_query``
+  and ``lstm`` need every clip's 128 projected steps, so they leave the distinct-window fast
+  path in evaluation (training gathers the steps anyway); ``gated`` and modality dropout do not.
 
 A training step is forward + EMILoss + backward + gradient clipping + AdamW step; an evaluation
 step is a forward under ``torch.no_grad`` in eval mode. Prints clips/s, the ratio to the expanded
@@ -31,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emimimic.data import EMIDataModule, FeatureBatch
+from emimimic.contract import FeatureBatch
+from emimimic.data import EMIDataModule
 from emimimic.data.store import SplitSpec, StoreWriter
 from emimimic.data.synth import PAPER_DIMS
 from emimimic.models import EMINetwork
@@ -91,9 +96,10 @@ class MatmulBound:
     """The windows path's projector matmuls alone, on the same shapes."""
 
     def __init__(self, net: EMINetwork, batches: list[FeatureBatch], dtype: torch.dtype) -> None:
+        self.net = net
         self.weights = {m: net.branches[m].projector[1].weight.detach().to(dtype)
                         for m in net.modalities}
-        hidden = net.options.hidden
+        hidden = next(iter(self.weights.values())).shape[0]
         self.inputs = [{m: (torch.randn(b.window(m).first.shape[0], w.shape[1], dtype=dtype),
                             torch.randn(b.window(m).first.shape[0], hidden, dtype=dtype))
                         for m, w in self.weights.items()} for b in batches]
@@ -123,6 +129,8 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--no-parts", action="store_true",
+                        help="leave out the rows of the other teams' parts")
     args = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,12 +153,17 @@ def main() -> None:
         "matmul bound, fp32": MatmulBound(net, batches, torch.float32),
         "matmul bound, bf16": MatmulBound(net, batches, torch.bfloat16),
     }
+    parts = {"fusion text_query": {"fusion": "text_query"}, "fusion gated": {"fusion": "gated"},
+             "pooling lstm": {"pooling": "lstm"}, "modality dropout 0.1": {"modality_dropout": 0.1}}
+    if not args.no_parts:
+        rows.update({f"{name}, 32-true": Rows(EMINetwork(PAPER_DIMS, **options), dense=False,
+                                              bf16=False) for name, options in parts.items()})
     best = {name: [np.inf, np.inf] for name in rows}
     for _ in range(args.rounds):
         for name, row in rows.items():
-            net.train()
+            row.net.train()
             best[name][0] = min(best[name][0], time_epoch(row.train, batches))
-            net.eval()
+            row.net.eval()
             best[name][1] = min(best[name][1], time_epoch(row.eval, batches))
     n = sum(len(b) for b in batches)
     base = best["expanded, 32-true"]
