@@ -5,17 +5,17 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from emimimic.data.datamodule import EMIDataModule
 from emimimic.errors import UserError
-from emimimic.training import EMA, EMIModule, EpochSeed, LastCheckpoint, SubmissionWriter
+from emimimic.training.callbacks import default_callbacks, standard_callbacks
 from emimimic.training.checkpoints import (
     adopt_checkpoint_model,
     best_checkpoint,
@@ -25,8 +25,7 @@ from emimimic.training.checkpoints import (
     metrics_rows_until,
     resolve_checkpoint,
 )
-from emimimic.training.dashboard import WandbDashboard
-from emimimic.training.report import TargetPearson
+from emimimic.training.module import EMIModule
 
 
 class EMISaveConfig(SaveConfigCallback):
@@ -65,27 +64,15 @@ class EMICLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.dims", "model.dims", apply_on="instantiate")
         parser.link_arguments("data.targets", "model.targets", apply_on="instantiate")
-        parser.add_lightning_class_args(EMA, "ema")
-        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
-        parser.add_lightning_class_args(SubmissionWriter, "submission")
+        # the standard callbacks, one section each (``--ema.decay 0.99``, ``--dashboard null``)
+        for name, (cls, kwargs) in standard_callbacks().items():
+            parser.add_argument(f"--{name}", type=Optional[cls],  # noqa: UP045 (jsonargparse)
+                                default=lazy_instance(cls, **kwargs),
+                                help=f"standard callback {cls.__name__} (null: leave it out; "
+                                     "see emimimic.training.default_callbacks)")
         parser.add_argument("--allow_untrained", type=bool, default=False,
                             help="validate/test/predict without a checkpoint, on freshly "
                                  "initialised weights (their scores mean nothing)")
-        parser.set_defaults(
-            {
-                "early_stopping.monitor": EMIModule.monitor,
-                "early_stopping.mode": EMIModule.mode,
-                "early_stopping.patience": 8,
-                "checkpoint.monitor": EMIModule.monitor,
-                "checkpoint.mode": EMIModule.mode,
-                "checkpoint.filename": "best-epoch{epoch:03d}",
-                "checkpoint.auto_insert_metric_name": False,
-                "lr_monitor.logging_interval": "epoch",
-            }
-        )
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """Parses, then lets ``--ckpt_path best|last|FILE`` decide the model (one rule for all).
@@ -100,9 +87,7 @@ class EMICLI(LightningCLI):
         config = self.config[subcommand] if subcommand else None
         if config is None or config.get("ckpt_path") is None:
             return
-        root = config.trainer.default_root_dir or os.getcwd()
-        dirpath = config.checkpoint.dirpath or os.path.join(root, "checkpoints")
-        config.ckpt_path = resolve_checkpoint(config.ckpt_path, dirpath)
+        config.ckpt_path = resolve_checkpoint(config.ckpt_path, _checkpoint_dir(config))
         rank_zero_info(f"--ckpt_path: {config.ckpt_path}")
         self._checkpoint_hparams = checkpoint_hparams(config.ckpt_path)
         adopt_checkpoint_model(config, self._checkpoint_hparams, config.ckpt_path)
@@ -110,10 +95,6 @@ class EMICLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config.trainer.default_root_dir or os.getcwd()
-        if config.checkpoint.dirpath is None:
-            # A fixed folder (not the logger's version_N) so a later process finds the checkpoints.
-            config.checkpoint.dirpath = os.path.join(root, "checkpoints")
-        config.last_checkpoint.dirpath = config.checkpoint.dirpath
         config.trainer.logger = _with_csv_logger(config.trainer.logger, root, self.subcommand)
         _name_wandb_runs(config)
         if (self.subcommand not in (None, "fit") and config.get("ckpt_path") is None
@@ -125,24 +106,26 @@ class EMICLI(LightningCLI):
             )
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        trainer = super().instantiate_trainer(**kwargs)
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         if self._checkpoint_hparams is not None and self.subcommand is not None:
             check_data_fits(self._checkpoint_hparams, self.datamodule.dims,
                             self.datamodule.targets, self.config[self.subcommand].ckpt_path)
-        # before the checkpoint callbacks, which Lightning keeps last
-        first = next((i for i, c in enumerate(trainer.callbacks)
-                      if isinstance(c, ModelCheckpoint)), len(trainer.callbacks))
-        trainer.callbacks[first:first] = [TargetPearson(), EpochSeed(), WandbDashboard()]
-        return trainer
+        root = config["trainer"].get("default_root_dir") or os.getcwd()
+        given = config["trainer"].get("callbacks") or []
+        standard = default_callbacks(root, **{name: config[name]
+                                              for name in standard_callbacks()})
+        return super().instantiate_trainer(
+            **kwargs, callbacks=[*(given if isinstance(given, list) else [given]), *standard])
 
     def before_fit(self) -> None:
         config = self.config[self.subcommand]
         if config.ckpt_path is None:
-            if _has_checkpoints(config.checkpoint.dirpath):
+            folder = _checkpoint_dir(config)
+            if _has_checkpoints(folder):
                 # A second fit would add versioned files beside the first run's and leave
                 # last.ckpt (and so --ckpt_path best) pointing at a mix of the two runs.
                 raise UserError(
-                    f"{config.checkpoint.dirpath} already holds checkpoints of an earlier fit. "
+                    f"{folder} already holds checkpoints of an earlier fit. "
                     "Resume it with --ckpt_path last, or start a new run with "
                     "--trainer.default_root_dir NEW_DIR"
                 )
@@ -194,6 +177,14 @@ def _name_wandb_runs(config: Any) -> None:
             args.tags = [experiment, f"seed{seed}"]
 
 
+def _checkpoint_dir(config: Any) -> str:
+    """Returns the run's checkpoint folder: the best checkpoint's, else ROOT/checkpoints."""
+    section = config.get("checkpoint")
+    dirpath = getattr(getattr(section, "init_args", None), "dirpath", None)
+    root = config.trainer.default_root_dir or os.getcwd()
+    return dirpath or os.path.join(root, "checkpoints")
+
+
 def _has_checkpoints(dirpath: str) -> bool:
     return os.path.isdir(dirpath) and any(f.endswith(".ckpt") for f in os.listdir(dirpath))
 
@@ -213,8 +204,12 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> EMICLI:
                 # the run's own file: a resumed fit, or a later validate, records its config anew
                 save_config_kwargs={"overwrite": True},
                 trainer_defaults={"use_distributed_sampler": False},
-                # a refused value raises (the entry point prints it as one line), not exits
-                parser_kwargs={"default_env": False, "exit_on_error": False},
+                # one way to set the optimizer and scheduler: the module's own arguments
+                auto_configure_optimizers=False,
+                # a refused value raises (the entry point prints it as one line), not exits;
+                # an abbreviated option is an unknown option, not a guess
+                parser_kwargs={"default_env": False, "exit_on_error": False,
+                               "allow_abbrev": False},
             )
     finally:
         if run and torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -46,8 +46,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def run(tmp: Path, splits: dict[str, Path], *extra: str, work: str = "work",
         store: str | None = "store") -> list[str]:
     """Runs ``emimimic extract`` in-process; returns its argv (for reruns)."""
-    argv = [a for s, p in splits.items() for a in ("--split", f"{s}={p}")]
-    argv += ["--work", str(tmp / work), "--num-workers", "0", "--batch-size", "2", "--quiet"]
+    argv = [a for s, p in splits.items() for a in (f"--splits.{s}", str(p))]
+    argv += ["--work", str(tmp / work), "--engine.num_workers", "0", "--engine.batch_size", "2",
+             "--engine.progress", "false"]
     if store is not None:
         argv += ["--store", str(tmp / store)]
     commands.main(argv + list(extra))
@@ -92,9 +93,9 @@ def test_pooled_features_equal_independent_encoding(tmp_path: Path, models: dict
     splits = {"train": write_split(tmp_path / "train.csv", [0, 1, 2]),
               "valid": write_split(tmp_path / "valid.csv", [3], seed=1)}
     tx = write_transcripts(tmp_path / "tx.csv", texts)
-    run(tmp_path, splits, "--face-images", str(faces), "--audio", str(audio),
-        "--visual-model", str(models["vit"]), "--audio-model", str(models["wavlm"]),
-        "--text-model", str(models["lm"]), "--transcripts", str(tx))
+    run(tmp_path, splits, "--face_images", str(faces), "--audio_files", str(audio),
+        "--visual.model", str(models["vit"]), "--audio.model", str(models["wavlm"]),
+        "--text.model", str(models["lm"]), "--text.transcripts", str(tx))
 
     store = FeatureStore(tmp_path / "store")
     for split in ("train", "valid"):
@@ -141,9 +142,9 @@ def test_bad_inputs_are_recorded_with_reasons(tmp_path: Path, models: dict, vide
     tx = write_transcripts(tmp_path / "tx.csv", {"00000": "hello world", "00001": "",
                                                  "00002": "what a day", "00003": "hello",
                                                  "00004": "", "00005": "", "00006": "friends"})
-    run(tmp_path, splits, "--raw", str(videos), "--visual-model", str(models["vit"]),
-        "--audio-model", str(models["wavlm"]), "--text-model", str(models["lm"]),
-        "--transcripts", str(tx))
+    run(tmp_path, splits, "--raw", str(videos), "--visual.model", str(models["vit"]),
+        "--audio.model", str(models["wavlm"]), "--text.model", str(models["lm"]),
+        "--text.transcripts", str(tx))
     printed = capsys.readouterr().out
     reasons = {(r["Filename"], r["modality"]): r["reason"] for r in report_rows(tmp_path / "work")}
     assert reasons == {
@@ -176,18 +177,18 @@ def test_bad_inputs_are_recorded_with_reasons(tmp_path: Path, models: dict, vide
 
     # the same inputs under --bad-input error stop at the first bad clip, naming it
     with pytest.raises(UserError, match=r"clip 00002 \(visual\): no_face: .*00002\.mp4"):
-        run(tmp_path, splits, "--raw", str(videos), "--visual-model", str(models["vit"]),
-            "--modality", "visual", "--bad-input", "error", work="work2", store=None)
+        run(tmp_path, splits, "--raw", str(videos), "--visual.model", str(models["vit"]),
+            "--modalities", "[visual]", "--bad_input", "error", work="work2", store=None)
     with pytest.raises(UserError, match=r"clip 00003 \(audio\): no_audio"):
-        run(tmp_path, splits, "--raw", str(videos), "--audio-model", str(models["wavlm"]),
-            "--modality", "audio", "--bad-input", "error", work="work3", store=None)
+        run(tmp_path, splits, "--raw", str(videos), "--audio.model", str(models["wavlm"]),
+            "--modalities", "[audio]", "--bad_input", "error", work="work3", store=None)
 
 
 def test_placeholder_replaces_empty_transcripts(tmp_path: Path, models: dict) -> None:
     splits = {"train": write_split(tmp_path / "train.csv", [0, 1])}
     tx = write_transcripts(tmp_path / "tx.csv", {"00000": "hello world", "00001": "  "})
-    run(tmp_path, splits, "--modality", "text", "--text-model", str(models["lm"]),
-        "--transcripts", str(tx), "--empty-text", "placeholder=the park", store=None)
+    run(tmp_path, splits, "--modalities", "[text]", "--text.model", str(models["lm"]),
+        "--text.transcripts", str(tx), "--text.empty_text", "placeholder=the park", store=None)
     got = np.load(tmp_path / "work" / "text" / "00001.npy")
     np.testing.assert_allclose(got, reference_encoding(models["lm"], "text", "the park"),
                                rtol=1e-4, atol=1e-5)
@@ -200,9 +201,10 @@ def test_chunked_audio_matches_unchunked(tmp_path: Path, models: dict) -> None:
     audio.mkdir()
     write_wav(audio / "00000.wav", speech_like(7.3, seed=4))
     splits = {"train": write_split(tmp_path / "train.csv", [0])}
-    common = ("--modality", "audio", "--audio", str(audio), "--audio-model", str(models["wavlm"]))
-    run(tmp_path, splits, *common, "--chunk-seconds", "60", work="whole", store=None)
-    run(tmp_path, splits, *common, "--chunk-seconds", "2", "--context-seconds", "1.5",
+    common = ("--modalities", "[audio]", "--audio_files", str(audio), "--audio.model",
+              str(models["wavlm"]))
+    run(tmp_path, splits, *common, "--audio.chunk_seconds", "60", work="whole", store=None)
+    run(tmp_path, splits, *common, "--audio.chunk_seconds", "2", "--audio.context_seconds", "1.5",
         work="chunked", store=None)
     whole = np.load(tmp_path / "whole" / "audio" / "00000.npy")
     chunked = np.load(tmp_path / "chunked" / "audio" / "00000.npy")
@@ -235,9 +237,10 @@ def test_speech_recognition_writes_correctable_transcripts(tmp_path: Path, model
     waves = {c: write_wav(audio / f"{c}.wav", speech_like(1.0 + n, seed=n))
              for n, c in enumerate(("00000", "00001", "00002"))}
     splits = {"train": write_split(tmp_path / "train.csv", [0, 1, 2])}
-    common = ["--modality", "text", "--audio", str(audio), "--text-model", str(models["lm"])]
-    run(tmp_path, splits, *common, "--asr-model", str(models["whisper"]),
-        "--asr-max-tokens", "12")
+    common = ["--modalities", "[text]", "--audio_files", str(audio), "--text.model",
+              str(models["lm"])]
+    run(tmp_path, splits, *common, "--asr.model", str(models["whisper"]),
+        "--asr.max_tokens", "12")
 
     model = AutoModelForSpeechSeq2Seq.from_pretrained(models["whisper"]).eval()
     processor = AutoProcessor.from_pretrained(models["whisper"])
@@ -251,15 +254,15 @@ def test_speech_recognition_writes_correctable_transcripts(tmp_path: Path, model
         assert expected and written[clip] == expected
     store = FeatureStore(tmp_path / "store")
     asr = store.provenance["extract"]["asr"]
-    assert asr["model"] == str(models["whisper"]) and asr["max_new_tokens"] == 12
+    assert asr["model"] == str(models["whisper"]) and asr["max_tokens"] == 12
     assert store.provenance["extract"]["modalities"]["text"]["transcripts"] == str(path)
 
     # the user corrects a transcript and feeds the file back: ASR is skipped, text is redone
     corrected = write_transcripts(tmp_path / "corrected.csv",
                                   {**written, "00001": "hello world"})
-    with pytest.raises(UserError, match="--redo text"):
-        run(tmp_path, splits, *common, "--transcripts", str(corrected))
-    run(tmp_path, splits, *common, "--transcripts", str(corrected), "--redo", "text")
+    with pytest.raises(UserError, match=r"--redo \[text\]"):
+        run(tmp_path, splits, *common, "--text.transcripts", str(corrected))
+    run(tmp_path, splits, *common, "--text.transcripts", str(corrected), "--redo", "[text]")
     np.testing.assert_allclose(np.load(tmp_path / "work" / "text" / "00001.npy"),
                                reference_encoding(models["lm"], "text", "hello world"),
                                rtol=1e-4, atol=1e-5)
@@ -271,13 +274,13 @@ def test_store_gains_a_modality_and_a_finished_run_does_nothing(
         tmp_path: Path, models: dict, videos: Path, capsys: pytest.CaptureFixture) -> None:
     splits = {"train": write_split(tmp_path / "train.csv", [0, 1]),
               "valid": write_split(tmp_path / "valid.csv", [3], seed=1)}
-    base = ["--raw", str(videos), "--visual-model", str(models["vit"]),
-            "--audio-model", str(models["wavlm"])]
-    run(tmp_path, splits, *base, "--modality", "visual")
+    base = ["--raw", str(videos), "--visual.model", str(models["vit"]),
+            "--audio.model", str(models["wavlm"])]
+    run(tmp_path, splits, *base, "--modalities", "[visual]")
     assert set(FeatureStore(tmp_path / "store").dims) == {"visual"}
     visual = FeatureStore(tmp_path / "store").split("train").read("visual", 1)
 
-    argv = run(tmp_path, splits, *base, "--modality", "audio")
+    argv = run(tmp_path, splits, *base, "--modalities", "[audio]")
     store = FeatureStore(tmp_path / "store")
     assert set(store.dims) == {"visual", "audio"}
     np.testing.assert_array_equal(store.split("train").read("visual", 1), visual)
@@ -294,11 +297,11 @@ def test_store_gains_a_modality_and_a_finished_run_does_nothing(
 
 def test_changed_settings_are_refused(tmp_path: Path, models: dict, videos: Path) -> None:
     splits = {"train": write_split(tmp_path / "train.csv", [0])}
-    base = ["--raw", str(videos), "--visual-model", str(models["vit"]), "--modality", "visual"]
+    base = ["--raw", str(videos), "--visual.model", str(models["vit"]), "--modalities", "[visual]"]
     run(tmp_path, splits, *base, store=None)
-    with pytest.raises(UserError, match=r"differing: fps.*--redo visual"):
-        run(tmp_path, splits, *base, "--fps", "2", store=None)
-    run(tmp_path, splits, *base, "--fps", "2", "--redo", "visual", store=None)
+    with pytest.raises(UserError, match=r"differing: fps.*--redo \[visual\]"):
+        run(tmp_path, splits, *base, "--visual.fps", "2", store=None)
+    run(tmp_path, splits, *base, "--visual.fps", "2", "--redo", "[visual]", store=None)
     assert np.load(tmp_path / "work" / "visual" / "00000.npy").shape[0] == 4
 
 
@@ -311,17 +314,18 @@ def test_without_the_extra_it_says_which_to_install(monkeypatch: pytest.MonkeyPa
                         lambda name, *a: None if name == "av" else real(name, *a))
     with pytest.raises(UserError, match=r"missing: av\); install it with pip install -e "
                                         r"\"\.\[extract\]\""):
-        commands.main(["--split", f"train={tmp_path / 't.csv'}", "--work", str(tmp_path)])
+        commands.main(["--splits.train", str(tmp_path / "t.csv"), "--work", str(tmp_path)])
 
 
 def test_options_are_checked_before_any_model_loads(tmp_path: Path) -> None:
     splits = {"train": write_split(tmp_path / "train.csv", [0])}
-    with pytest.raises(UserError, match="--modality text needs --asr-model or --transcripts"):
-        run(tmp_path, splits, "--modality", "text", "--text-model", "x", store=None)
-    with pytest.raises(UserError, match="--modality visual needs --raw"):
-        run(tmp_path, splits, "--modality", "visual", "--visual-model", "x", store=None)
-    with pytest.raises(UserError, match="--empty-text 'blank'"):
-        run(tmp_path, splits, "--modality", "text", "--text-model", "x", "--transcripts",
-            str(write_transcripts(tmp_path / "t.csv", {"00000": "hi"})), "--empty-text",
+    with pytest.raises(UserError,
+                       match="--modalities text needs --asr.model or --text.transcripts"):
+        run(tmp_path, splits, "--modalities", "[text]", "--text.model", "x", store=None)
+    with pytest.raises(UserError, match="--modalities visual needs --raw"):
+        run(tmp_path, splits, "--modalities", "[visual]", "--visual.model", "x", store=None)
+    with pytest.raises(UserError, match="--text.empty_text 'blank'"):
+        run(tmp_path, splits, "--modalities", "[text]", "--text.model", "x", "--text.transcripts",
+            str(write_transcripts(tmp_path / "t.csv", {"00000": "hi"})), "--text.empty_text",
             "blank", store=None)
     assert not os.path.exists(tmp_path / "work" / "provenance")

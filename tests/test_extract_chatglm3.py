@@ -182,10 +182,11 @@ def test_converted_model_extracts_text(converted: tuple, tmp_path: Path) -> None
     dest, _, _ = converted
     splits = {"train": write_split(tmp_path / "train.csv", [0, 1])}
     texts = {"00000": "hello world", "00001": "see you again today"}
-    commands.main(["--split", f"train={splits['train']}", "--work", str(tmp_path / "work"),
-                   "--store", str(tmp_path / "store"), "--modality", "text", "--text-model",
-                   str(dest), "--transcripts", str(write_transcripts(tmp_path / "t.csv", texts)),
-                   "--num-workers", "0", "--quiet"])
+    transcripts = write_transcripts(tmp_path / "t.csv", texts)
+    commands.main(["--splits.train", str(splits["train"]), "--work", str(tmp_path / "work"),
+                   "--store", str(tmp_path / "store"), "--modalities", "[text]", "--text.model",
+                   str(dest), "--text.transcripts", str(transcripts),
+                   "--engine.num_workers", "0", "--engine.progress", "false"])
     view = FeatureStore(tmp_path / "store").split("train")
     model, tok = AutoModel.from_pretrained(dest).eval(), AutoTokenizer.from_pretrained(dest)
     for i, clip in enumerate(view.ids):

@@ -32,11 +32,13 @@ TRAIN, VALID = list(range(0, 6)), list(range(6, 10))
 def extract_argv(root: Path, work: str, store: str) -> list[str]:
     """The argv of a full extraction (all modalities, speech recognition included)."""
     m = root / "models"
-    return ["--split", f"train={root / 'train.csv'}", "--split", f"valid={root / 'valid.csv'}",
+    return ["--splits.train", str(root / "train.csv"), "--splits.valid",
+            str(root / "valid.csv"),
             "--raw", str(root / "raw"), "--work", str(root / work), "--store", str(root / store),
-            "--visual-model", str(m / "vit"), "--audio-model", str(m / "wavlm"),
-            "--asr-model", str(m / "whisper"), "--asr-max-tokens", "8",
-            "--text-model", str(m / "lm"), "--batch-size", "2", "--num-workers", "0", "--quiet"]
+            "--visual.model", str(m / "vit"), "--audio.model", str(m / "wavlm"),
+            "--asr.model", str(m / "whisper"), "--asr.max_tokens", "8",
+            "--text.model", str(m / "lm"), "--engine.batch_size", "2", "--engine.num_workers", "0",
+            "--engine.progress", "false"]
 
 
 def start(argv: list[str]) -> subprocess.Popen:

@@ -306,11 +306,11 @@ def test_interrupted_pack_resumes_to_identical_store(raw_inputs, tmp_path: Path,
 
 
 def cli_args(inputs: dict, dest: Path) -> list[str]:
-    argv = [str(dest), "--quiet"]
+    argv = ["--dest", str(dest), "--progress", "false"]
     for name, path in inputs["splits"].items():
-        argv += ["--split", f"{name}={path}"]
+        argv += [f"--splits.{name}", path]
     for m, path in inputs["modalities"].items():
-        argv += ["--modality", f"{m}={path}"]
+        argv += [f"--modalities.{m}", path]
     return argv
 
 
@@ -369,7 +369,7 @@ def test_targets_come_from_the_header(raw_inputs, tmp_path: Path, targets: list[
 
 def test_cli_pack_and_info(raw_inputs, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     inputs = raw_inputs()
-    argv = [*cli_args(inputs, tmp_path / "store"), "--provenance", "visual_model=test-vit"]
+    argv = [*cli_args(inputs, tmp_path / "store"), "--provenance.visual_model", "test-vit"]
     commands.pack_main(argv)
     out = capsys.readouterr().out
     assert "train: 6 clips, labelled" in out and "test: 3 clips, unlabelled" in out
@@ -377,4 +377,23 @@ def test_cli_pack_and_info(raw_inputs, tmp_path: Path, capsys: pytest.CaptureFix
     with pytest.raises(StoreError, match="already exists"):
         commands.pack_main(argv)  # the store exists now
     commands.info_main([str(tmp_path / "store")])
-    assert "visual (D=8), audio (D=12), text (D=16)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "visual (D=8), audio (D=12), text (D=16)" in out
+    # the provenance, one short line per entry
+    assert "           visual_model: test-vit" in out.splitlines()
+    assert max(len(line) for line in out.splitlines()) < 140
+
+
+def test_cli_pack_takes_a_config_file_as_its_flags(raw_inputs, tmp_path: Path, capsys) -> None:
+    """--print_config writes the options; -c reads them back: the same store as the flags."""
+    inputs = raw_inputs()
+    flags = cli_args(inputs, tmp_path / "by_flags")
+    with pytest.raises(SystemExit):
+        commands.pack_main([*cli_args(inputs, tmp_path / "by_file"), "--print_config"])
+    config = tmp_path / "pack.yaml"
+    config.write_text(capsys.readouterr().out)
+    assert not (tmp_path / "by_file").exists()  # printing the config did nothing else
+    commands.pack_main(flags)
+    commands.pack_main(["-c", str(config)])
+    assert files_of(tmp_path / "by_file") == files_of(tmp_path / "by_flags")
+    assert "splits:" in config.read_text() and "dest:" in config.read_text()

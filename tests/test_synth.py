@@ -111,8 +111,8 @@ def test_any_number_of_targets(tmp_path: Path, targets: list[str]) -> None:
 
 
 def test_cli_synth(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    commands.synth_main([str(tmp_path / "s"), "--seed", "5", "--train", "8", "--valid", "4",
-                   "--test", "0", "--dims", "text=16,audio=8", "--quiet"])
+    commands.synth_main([str(tmp_path / "s"), "--seed", "5", "--counts.train", "8",
+                         "--counts.valid", "4", "--dims", "{text: 16, audio: 8}"])
     out = capsys.readouterr().out
     assert "SYNTHETIC" in out and "train: 8 clips" in out and "test" not in out.split("targets")[1]
     store = FeatureStore(tmp_path / "s")

@@ -16,7 +16,8 @@ from emimimic.constants import EMOTIONS
 from emimimic.data.store import FeatureStore
 from emimimic.data.synth import synth
 from emimimic.errors import UserError
-from emimimic.experiments.table import main, split_argv
+from emimimic.experiments.runs import split_argv
+from emimimic.experiments.table import main
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 SEEDS = (0, 1, 2)
@@ -24,10 +25,12 @@ ROWS = ("concat", "average")
 
 
 def test_split_argv_passes_dotted_options_and_the_rest_after_dashes():
-    own, passed = split_argv(["a.yaml", "--data.store", "S", "--seeds", "2", "b.yaml",
-                              "--trainer.max_epochs=2", "--trainer.enable_progress_bar", "false",
-                              "--", "--model.x", "1"])
-    assert own == ["a.yaml", "--seeds", "2", "b.yaml"]
+    rows, own, passed = split_argv(["a.yaml", "b.yaml+o.yaml", "--data.store", "S", "--seeds",
+                                    "2", "--trainer.max_epochs=2",
+                                    "--trainer.enable_progress_bar", "false", "--", "--model.x",
+                                    "1"])
+    assert rows == ["a.yaml", "b.yaml+o.yaml"]
+    assert own == ["--seeds", "2"]
     assert passed == ["--data.store", "S", "--trainer.max_epochs=2",
                       "--trainer.enable_progress_bar", "false", "--model.x", "1"]
     for option in ("--trainer.default_root_dir", "--data.predict_split=test"):
@@ -54,35 +57,44 @@ def _ckpt_mtimes(out: Path) -> dict[str, int]:
 
 def _status(output: str) -> dict[str, str]:
     """Returns run folder name -> the word the command printed for it (started, skipped...)."""
-    return dict(re.findall(r"^\[\d+/\d+\] (\S+): (\w+)", output, flags=re.M))
+    return dict(re.findall(r"^\[\d+/\d+\] (\S+): (started|skipped|resumed|predicting)",
+                           output, flags=re.M))
 
 
 @pytest.mark.slow
-def test_table_two_configs_three_seeds(tmp_path, capsys, monkeypatch):
+def test_table_two_rows_three_seeds(tmp_path, capsys, monkeypatch):
     # the runs are tiny: one thread each, or intra-op threads spin against each other (and any
     # other job on a small shared machine), ~20x slower here
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     store = synth(tmp_path / "store", seed=0, counts={"train": 96, "valid": 64, "test": 32})
-    configs = []
-    for name in ROWS:
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({"model": {"network": {"fusion": name}}}))
-        configs.append(str(path))
+    concat, average = tmp_path / "concat.yaml", tmp_path / "average.yaml"
+    concat.write_text(yaml.safe_dump({"model": {"network": {"fusion": "concat"}}}))
+    average.write_text(yaml.safe_dump({"model": {"network": {"fusion": "average"}}}))
+    # the second row is the first with an overlay on top, named after both
+    configs, rows = [str(concat), f"{concat}+{average}"], ("concat", "concat+average")
+    fusion = {"concat": "concat", "concat+average": "average"}
     out = tmp_path / "table"
     argv = [*configs, "--base", str(QUICKSTART), "--seeds", "3", "--out", str(out),
             "--resamples", "500", "--jobs", "2", "--data.store", str(store),
             "--trainer.max_epochs", "2",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary", "false"]
     main(argv)
-    runs = [f"{name}-seed{s}" for name in ROWS for s in SEEDS]
-    assert _status(capsys.readouterr().out) == dict.fromkeys(runs, "started")
+    printed = capsys.readouterr().out
+    runs = [f"{name}-seed{s}" for name in rows for s in SEEDS]
+    assert _status(printed) == dict.fromkeys(runs, "started")
+    # a line per finished run: its time, score and best epoch, and what is left
+    done = re.findall(r"^\[\d+/6\] (\S+): done in \d+ s, best val/pearson (-?\d\.\d{4}) at "
+                      r"epoch (\d)(; .* left for (\d) run\(s\))?$", printed, flags=re.M)
+    assert sorted(d[0] for d in done) == sorted(runs)
+    assert [int(d[4]) for d in done if d[4]] == [5, 4, 3, 2, 1]
 
     # runs.csv: one row per run, every number recomputed here from the predictions and the store
     table = pd.read_csv(out / "runs.csv")
     assert list(table.columns) == ["config", "seed", "run", "best_epoch", "fit_val_pearson",
-                                   "mean_pearson", *EMOTIONS]
+                                   "wall_s", "mean_pearson", *EMOTIONS]
     assert list(zip(table.config, table.seed, strict=True)) == [
-        (name, s) for name in ROWS for s in SEEDS]
+        (name, s) for name in rows for s in SEEDS]
+    assert (table.wall_s > 1).all()
     view = FeatureStore(store).split("valid")
     labels = pd.DataFrame(view.labels, index=view.ids, columns=list(EMOTIONS))
     for _, row in table.iterrows():
@@ -90,7 +102,7 @@ def test_table_two_configs_three_seeds(tmp_path, capsys, monkeypatch):
         assert Path(row.run) == folder and (folder / "checkpoints" / "last.ckpt").is_file()
         resolved = yaml.safe_load(next(folder.glob("logs/*/config.yaml")).read_text())
         assert resolved["seed_everything"] == row.seed
-        assert resolved["model"]["network"]["fusion"] == row.config
+        assert resolved["model"]["network"]["init_args"]["fusion"] == fusion[row.config]
         preds = pd.read_csv(folder / "valid_predictions.csv", dtype={"Filename": str})
         preds = preds.set_index("Filename").loc[labels.index]  # match by Filename
         r = [sps.pearsonr(preds[t], labels[t]).statistic for t in EMOTIONS]
@@ -99,7 +111,7 @@ def test_table_two_configs_three_seeds(tmp_path, capsys, monkeypatch):
         # predictions come from the best (EMA) checkpoint: they reproduce its logged val/pearson
         assert row.mean_pearson == pytest.approx(row.fit_val_pearson, abs=1e-3)
         assert row.best_epoch in (0, 1)
-    for name in ROWS:
+    for name in rows:
         assert table.loc[table.config == name, "mean_pearson"].nunique() == 3  # seeds differ
 
     # table.md: the paper's layout, mean ± std over seeds, the reference and the intervals
@@ -107,8 +119,8 @@ def test_table_two_configs_three_seeds(tmp_path, capsys, monkeypatch):
     lines = [line for line in md.splitlines() if line.startswith("|")]
     assert lines[0] == ("| Method | Seeds | Mean Pearson | Δ vs concat [95% CI] | "
                         + " | ".join(EMOTIONS) + " |")
-    assert [line.split("|")[1].strip() for line in lines[2:]] == list(ROWS)
-    for line, name in zip(lines[2:], ROWS, strict=True):
+    assert [line.split("|")[1].strip() for line in lines[2:]] == list(rows)
+    for line, name in zip(lines[2:], rows, strict=True):
         cells = [c.strip() for c in line.strip("|").split("|")]
         scores = table.loc[table.config == name, "mean_pearson"]
         assert cells[1] == "3"
@@ -117,10 +129,13 @@ def test_table_two_configs_three_seeds(tmp_path, capsys, monkeypatch):
         assert cells[-1] == f"{joy.mean():.4f} ± {joy.std(ddof=1):.4f}"
     assert lines[2].split("|")[4].strip() == "reference"
     diff, low, high = map(float, re.findall(r"[+-]\d\.\d{4}", lines[3].split("|")[4]))
-    expected = (table.loc[table.config == "average", "mean_pearson"].mean()
+    expected = (table.loc[table.config == "concat+average", "mean_pearson"].mean()
                 - table.loc[table.config == "concat", "mean_pearson"].mean())
     assert diff == pytest.approx(expected, abs=1e-4) and low <= diff <= high
     assert "SYNTHETIC" in md and "64 clips" in md and "500 resamples" in md
+    # the protocol and the overrides are recorded: a 2-epoch table cannot pass for 12 epochs
+    assert "2 epochs, batch 32, 32-true, AdamW lr 0.001" in md
+    assert "`--trainer.max_epochs` `2`" in md and "Joy" in md.split("targets")[1]
 
     with Image.open(out / "table.png") as img:
         assert img.format == "PNG" and img.size == (900, round(100 * (1.2 + 0.45 * 2)))
@@ -132,15 +147,25 @@ def test_table_two_configs_three_seeds(tmp_path, capsys, monkeypatch):
     assert _ckpt_mtimes(out) == before and len(before) >= 12
     assert (out / "runs.csv").read_text() == csv_before  # seeded bootstrap, same table
 
+    # the same table from a config file: --print_config writes the options, -c reads them; it
+    # names the same runs (all skipped, none refused as made with other settings)
+    with pytest.raises(SystemExit):
+        main([*argv, "--print_config"])
+    saved = tmp_path / "table.yaml"
+    saved.write_text(capsys.readouterr().out)
+    main(["-c", str(saved)])
+    assert _status(capsys.readouterr().out) == dict.fromkeys(runs, "skipped")
+    assert (out / "runs.csv").read_text() == csv_before
+
     # an interrupted run (checkpoints, no predictions) resumes from last.ckpt; the rest is skipped
-    victim = out / "average-seed1"
+    victim = out / "concat+average-seed1"
     (victim / "fit.done").unlink()
     (victim / "valid_predictions.csv").unlink()
     others = {k: v for k, v in before.items() if not k.startswith(str(victim))}
     main(argv)
     status = _status(capsys.readouterr().out)
-    assert status.pop("average-seed1") == "resumed"
-    assert status == dict.fromkeys([r for r in runs if r != "average-seed1"], "skipped")
+    assert status.pop("concat+average-seed1") == "resumed"
+    assert status == dict.fromkeys([r for r in runs if r != "concat+average-seed1"], "skipped")
     assert "--ckpt_path last" in (victim / "fit.log").read_text()
     assert (victim / "valid_predictions.csv").is_file()
     assert {k: v for k, v in _ckpt_mtimes(out).items() if k in others} == others

@@ -1,26 +1,33 @@
-"""Data: the feature store, pooling, batch types, the DataModule, pack and synth.
+"""Data: the feature store, batch plans, the DataModule, pack and synth.
 
 Build stores with :func:`emimimic.data.pack.pack` and :func:`emimimic.data.synth.synth` (the
-submodules keep those names, so they are not re-exported here).
+submodules keep those names, so they are not re-exported here). Names are imported on first
+use, so ``emimimic info`` (the store package) needs neither torch nor Lightning.
 """
 
-from emimimic.data.batches import BatchPlan, FeatureBatch
-from emimimic.data.datamodule import EMIDataModule
-from emimimic.data.dataset import FeatureDataset
-from emimimic.data.samplers import EvalShardSampler
-from emimimic.data.store import FeatureStore, SplitView, StoreError
-from emimimic.pooling import expand_rows, pool_reference, windows
+from __future__ import annotations
 
-__all__ = [
-    "BatchPlan",
-    "EMIDataModule",
-    "EvalShardSampler",
-    "FeatureBatch",
-    "FeatureDataset",
-    "FeatureStore",
-    "SplitView",
-    "StoreError",
-    "expand_rows",
-    "pool_reference",
-    "windows",
-]
+from importlib import import_module
+from typing import Any
+
+_LAZY = {
+    "BatchPlan": "emimimic.data.batches",
+    "FeatureBatch": "emimimic.contract",
+    "EMIDataModule": "emimimic.data.datamodule",
+    "FeatureDataset": "emimimic.data.dataset",
+    "EvalShardSampler": "emimimic.data.samplers",
+    "FeatureStore": "emimimic.data.store",
+    "SplitView": "emimimic.data.store",
+    "StoreError": "emimimic.data.store",
+    "expand_rows": "emimimic.pooling",
+    "pool_reference": "emimimic.pooling",
+    "windows": "emimimic.pooling",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'emimimic.data' has no attribute {name!r}")

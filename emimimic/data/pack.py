@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
+from jsonargparse.typing import PositiveInt
 from tqdm import tqdm
 
 from emimimic.constants import EMOTIONS, ID_COLUMN
@@ -37,7 +37,7 @@ from emimimic.data.store import (
 )
 
 #: What ``missing`` may say about a clip whose feature file for a modality does not exist.
-MISSING_POLICIES = ("error", "absent")
+MissingPolicy = Literal["error", "absent"]
 SUFFIXES = (".npy", ".pkl")
 
 
@@ -177,37 +177,41 @@ def _feature_dim(path: Path, clip: str, modality: str) -> int:
     return int(arr.shape[-1])
 
 
-def pack(dest: str | os.PathLike[str], splits: Mapping[str, str | os.PathLike[str]],
-         modalities: Mapping[str, str | os.PathLike[str]], *, missing: str = "error",
-         targets: Sequence[str] | None = EMOTIONS,
-         dims: Mapping[str, int] | None = None,
-         provenance: Mapping[str, Any] | None = None, progress: bool = True,
-         workers: int = 1, weight_column: str | None = None) -> Path:
-    """Builds a feature store at ``dest``; returns its path. Resumes an interrupted run.
+def pack(dest: Path, splits: dict[str, Path], modalities: dict[str, Path], *,
+         missing: MissingPolicy = "error", targets: list[str] | None = list(EMOTIONS),  # noqa: B006
+         dims: dict[str, int] | None = None, provenance: dict[str, Any] | None = None,
+         progress: bool = True, workers: PositiveInt = 1,
+         weight_column: str | None = None) -> Path:
+    """Builds a feature store from split CSVs and per-clip feature files; returns its path.
+
+    An interrupted run resumes from ``DEST.partial/`` when rerun with the same arguments.
 
     Args:
-        dest: the store folder to create (must not exist; work happens in ``dest.partial``).
-        splits: split name -> CSV path (``Filename`` + targets, or ``Filename`` only).
-        modalities: modality name -> folder of ``{id}.npy`` / ``{id}.pkl`` files.
-        missing: ``"error"``: a missing feature file is an error; ``"absent"``: it is recorded as
-            a clip without that modality (it reads as zeros with ``present`` False).
-        targets: target columns labelled CSVs must have; None takes them from the first labelled
-            CSV's header (all labelled CSVs must then agree).
+        dest: the store folder to create (must not exist; work happens in ``DEST.partial``).
+        splits: split name -> CSV path (``Filename`` + targets, or ``Filename`` only for an
+            unlabelled split), e.g. ``--splits.train train_split.csv``.
+        modalities: modality name -> folder of ``{id}.npy`` / ``{id}.pkl`` files holding each
+            clip's [T, D] features, e.g. ``--modalities.text features/chatglm3``.
+        missing: ``error``: a missing feature file is an error; ``absent``: it is recorded as a
+            clip without that modality (it reads as zeros with ``present`` False).
+        targets: target columns the labelled CSVs must have, in order (default the six EMI
+            emotions); null takes them from the first labelled CSV's header (all must agree).
         dims: expected D per modality; by default taken from the first file found per modality.
         provenance: extra key/values recorded in the manifest (e.g. the feature extractor).
-        progress: show a tqdm progress bar.
+        progress: show a progress bar.
         workers: processes that read and validate feature files in parallel (1: this process).
             The store is byte-identical whatever the number.
         weight_column: a CSV column of per-clip sample weights (e.g. the square root of a clip's
-            annotator count), stored with the split and used by every training loss term.
+            annotator count), stored with each labelled split and used by every training loss
+            term.
 
     Raises:
         StoreError: any invalid input, with a message naming the file, the clip and the rule.
     """
     if workers < 1:
         raise StoreError(f"workers={workers}; expected at least 1")
-    if missing not in MISSING_POLICIES:
-        raise StoreError(f"missing={missing!r}; expected one of {MISSING_POLICIES}")
+    if missing not in get_args(MissingPolicy):
+        raise StoreError(f"missing={missing!r}; expected one of {get_args(MissingPolicy)}")
     if not splits or not modalities:
         raise StoreError("pack needs at least one split CSV and one modality folder")
     dest = Path(dest)

@@ -26,9 +26,9 @@ the same seed gives a byte-identical store. Clips go through :class:`StoreWriter
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -113,24 +113,32 @@ def raw_lengths(rng: np.random.Generator, duration: float) -> dict[str, int]:
             "text": int(np.clip(round(tokens), 10, 60))}
 
 
-def synth(dest: str | os.PathLike[str], *, seed: int = 0,
-          counts: Mapping[str, int] | None = None, dims: Mapping[str, int] | None = None,
-          targets: Sequence[str] = EMOTIONS, progress: bool = False,
-          sample_weights: bool = False) -> Path:
-    """Writes a synthetic (NOT real) feature store at ``dest``; returns its path.
+def synth(dest: Path, *, seed: int = 0, counts: dict[str, int] | None = None,
+          dims: dict[str, int] | Literal["demo", "paper"] = "demo",
+          targets: list[str] = list(EMOTIONS), progress: bool = False,  # noqa: B006
+          sample_weights: bool = False, labelled_test: bool = False) -> Path:
+    """Writes a SYNTHETIC feature store (not real data, its manifest says so); returns its path.
 
     Args:
         dest: the store folder to create.
         seed: same seed -> byte-identical store.
-        counts: clips per split (default 384 train / 256 valid / 128 test; a split named "test"
-            is unlabelled, the others labelled). A count of 0 leaves the split out.
-        dims: modality -> D (default :data:`DEMO_DIMS`; any subset of visual/audio/text or
-            other names, which get the audio signal strength).
+        counts: clips per split (default 384 train / 256 valid / 128 test, e.g.
+            ``--counts.train 2000``); a split named ``test`` is unlabelled unless
+            ``labelled_test``, the others labelled. A count of 0 leaves the split out.
+        dims: modality -> D, or ``demo`` (visual 32, audio 48, text 64) or ``paper`` (768, 1024,
+            4096: ViT, WavLM-Large, ChatGLM3-6B); modalities other than visual/audio/text get
+            audio's signal strength.
         targets: label names (default the six EMI emotions; any number works).
-        progress: show a tqdm progress bar.
+        progress: show a progress bar.
         sample_weights: store the square root of each labelled clip's rater count as its sample
             weight (what USTC-IAT's optional weighting uses).
+        labelled_test: give the test split labels too, drawn like valid's, so that a protocol
+            can be scored on clips no model or search has seen (a benchmark's held-out split).
     """
+    if isinstance(dims, str):
+        if dims not in ("demo", "paper"):
+            raise StoreError(f"dims {dims!r}: expected 'demo', 'paper' or modality -> D")
+        dims = DEMO_DIMS if dims == "demo" else PAPER_DIMS
     counts = {k: int(v) for k, v in (counts or DEFAULT_COUNTS).items() if int(v) > 0}
     dims = dict(dims or DEMO_DIMS)
     if not counts or not dims or not targets:
@@ -146,10 +154,11 @@ def synth(dest: str | os.PathLike[str], *, seed: int = 0,
     for name, n in counts.items():
         rng = np.random.default_rng([seed, 1, _split_key(name)])
         z = rng.standard_normal((n, latent))
-        labels, raters = synth_labels(rng, z, targets, ALL_ZERO.get(name))
+        labels, raters = synth_labels(rng, z, targets,
+                                      ALL_ZERO.get("valid" if name == "test" else name))
         ids = [f"{first + i:05d}" for i in range(n)]
         first += n
-        labelled = name != "test"
+        labelled = name != "test" or labelled_test
         plans.append(SplitSpec(name, ids, labels if labelled else None,
                                np.sqrt(raters) if labelled and sample_weights else None))
         latents[name] = (z.astype(np.float32), durations(rng, n))

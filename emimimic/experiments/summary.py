@@ -34,17 +34,16 @@ def read_predictions(path: Path, ids: Sequence[str], targets: Sequence[str]) -> 
 
 def best_of(checkpoints: Path) -> tuple[int, float]:
     """Returns the best checkpoint's epoch (0-based, as Lightning logs it) and its val score."""
-    import torch
+    from emimimic.training.checkpoints import (
+        best_checkpoint,
+        checkpoint_callback_state,
+        load_checkpoint,
+    )
 
-    from emimimic.training.checkpoints import best_checkpoint
-
-    state = torch.load(best_checkpoint(str(checkpoints)), map_location="cpu",
-                       weights_only=True)
-    score = math.nan
-    for key, value in state.get("callbacks", {}).items():
-        if key.startswith("ModelCheckpoint") and value.get("best_model_score") is not None:
-            score = float(value["best_model_score"])
-    return int(state["epoch"]), score
+    state = load_checkpoint(best_checkpoint(str(checkpoints)))
+    recorded = checkpoint_callback_state(state, "ModelCheckpoint") or {}
+    score = recorded.get("best_model_score")
+    return int(state["epoch"]), math.nan if score is None else float(score)
 
 
 def _cell(mean: float, std: float) -> str:

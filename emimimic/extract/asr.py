@@ -13,10 +13,34 @@ from typing import Any
 import lightning.pytorch as L
 import numpy as np
 import torch
+from jsonargparse.typing import PositiveInt
 
-from emimimic.extract.engine import ClipBatch, Stage, load_pretrained, weights_sha256
+from emimimic.extract.engine import (
+    ClipBatch,
+    Stage,
+    load_pretrained,
+    provenance_of,
+    weights_sha256,
+)
 from emimimic.extract.media import Failure, clip_audio
 from emimimic.extract.work import Clip
+
+
+@dataclass
+class ASROptions:
+    """How speech becomes transcripts (``--asr.*``), when no transcripts file is given.
+
+    Attributes:
+        model: Hugging Face speech-to-text model (e.g. openai/whisper-large-v3).
+        revision: model revision (branch, tag or commit).
+        language: language code passed to generate (Whisper: en); checked against the model.
+        max_tokens: most tokens generated per piece (Whisper: per 30 s).
+    """
+
+    model: str | None = None
+    revision: str | None = None
+    language: str | None = None
+    max_tokens: PositiveInt = 128
 
 
 @dataclass
@@ -88,23 +112,21 @@ class Transcriber(L.LightningModule):
         return out
 
 
-def asr_stage(model_name: str, revision: str | None, language: str | None, max_new_tokens: int,
-              audio_dir: Path | None, raw_dir: Path | None) -> Stage:
+def asr_stage(opts: ASROptions, audio_dir: Path | None, raw_dir: Path | None) -> Stage:
     """Returns the speech recognition stage: loads the model and its processor."""
     from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor
 
-    model = load_pretrained(AutoModelForSpeechSeq2Seq, model_name, revision, "--asr-model")
-    processor = load_pretrained(AutoProcessor, model_name, revision, "--asr-model")
+    name = opts.model or ""
+    model = load_pretrained(AutoModelForSpeechSeq2Seq, name, opts.revision, "--asr.model")
+    processor = load_pretrained(AutoProcessor, name, opts.revision, "--asr.model")
     extractor = getattr(processor, "feature_extractor", processor)
     rate = int(getattr(extractor, "sampling_rate", 16000))
     piece = getattr(extractor, "n_samples", None)
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens}
-    if language is not None:
-        kwargs.update(language=language, task="transcribe")
-    provenance = {"model": model_name, "revision": revision,
-                  "weights_sha256": weights_sha256(model), "language": language,
-                  "max_new_tokens": max_new_tokens, "sample_rate": rate,
-                  "piece_seconds": None if piece is None else piece / rate}
+    kwargs: dict[str, Any] = {"max_new_tokens": opts.max_tokens}
+    if opts.language is not None:
+        kwargs.update(language=opts.language, task="transcribe")
+    provenance = {**provenance_of(opts), "weights_sha256": weights_sha256(model),
+                  "sample_rate": rate, "piece_seconds": None if piece is None else piece / rate}
     preparer = SpeechPreparer(processor, audio_dir, raw_dir, rate,
                               None if piece is None else int(piece))
     return Stage("asr", Transcriber(model, processor, kwargs), preparer, provenance)

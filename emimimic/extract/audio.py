@@ -13,12 +13,13 @@ Models without a convolutional front end described in their config (``conv_kerne
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 
 from emimimic.extract.engine import (
     ClipBatch,
@@ -26,12 +27,35 @@ from emimimic.extract.engine import (
     Stage,
     load_pretrained,
     parse_layer,
+    provenance_of,
     select_layer,
     to_numpy,
     weights_sha256,
 )
 from emimimic.extract.media import BadClip, Failure, clip_audio
 from emimimic.extract.work import Clip
+
+
+@dataclass
+class AudioOptions:
+    """How speech becomes features (``--audio.*``).
+
+    Attributes:
+        model: Hugging Face speech encoder name or local path (needed to extract audio features).
+        revision: model revision (branch, tag or commit).
+        layer: last (last_hidden_state) or an index into hidden_states.
+        chunk_seconds: longer clips are encoded in windows of this many seconds.
+        context_seconds: audio on each side of a window that its frames can attend to.
+        windows_per_step: audio windows per forward pass (bounds device memory, not the
+            results).
+    """
+
+    model: str | None = None
+    revision: str | None = None
+    layer: str = "last"
+    chunk_seconds: PositiveFloat = 30.0
+    context_seconds: NonNegativeFloat = 5.0
+    windows_per_step: PositiveInt = field(default=8, metadata={"provenance": False})
 
 
 @dataclass(frozen=True)
@@ -200,28 +224,26 @@ class SpeechEncoder(LayerEncoder):
         return {clip: to_numpy(torch.cat(p)) for clip, p in zip(batch.ids, pieces, strict=True)}
 
 
-def audio_stage(model_name: str, revision: str | None, layer: str, chunk_seconds: float,
-                context_seconds: float, windows_per_step: int, audio_dir: Path | None,
-                raw_dir: Path | None) -> Stage:
+def audio_stage(opts: AudioOptions, audio_dir: Path | None, raw_dir: Path | None) -> Stage:
     """Returns the audio stage: loads the speech encoder and its feature extractor."""
     from transformers import AutoFeatureExtractor, AutoModel
 
-    model = load_pretrained(AutoModel, model_name, revision, "--audio-model")
-    extractor = load_pretrained(AutoFeatureExtractor, model_name, revision, "--audio-model")
+    name = opts.model or ""
+    model = load_pretrained(AutoModel, name, opts.revision, "--audio.model")
+    extractor = load_pretrained(AutoFeatureExtractor, name, opts.revision, "--audio.model")
     rate = int(getattr(extractor, "sampling_rate", 16000))
     front = front_end_of(model.config)
     padding = front is not None and bool(getattr(extractor, "return_attention_mask", False))
     provenance = {
-        "model": model_name, "revision": revision, "weights_sha256": weights_sha256(model),
-        "layer": layer, "sample_rate": rate,
+        **provenance_of(opts), "weights_sha256": weights_sha256(model), "sample_rate": rate,
         "frame_rate": None if front is None else rate / front.stride,
-        "chunk_seconds": chunk_seconds if front is not None else None,
-        "context_seconds": context_seconds if front is not None else None,
         "source": f"audio files in {audio_dir}, else the video's audio track" if audio_dir
                   else "the video's audio track",
     }
-    preparer = WavePreparer(extractor, audio_dir, raw_dir, rate, front, chunk_seconds,
-                            context_seconds)
-    module = SpeechEncoder(model, model_name, parse_layer(layer), windows_per_step,
+    if front is None:  # encoded whole: no windows
+        provenance.update(chunk_seconds=None, context_seconds=None)
+    preparer = WavePreparer(extractor, audio_dir, raw_dir, rate, front, opts.chunk_seconds,
+                            opts.context_seconds)
+    module = SpeechEncoder(model, name, parse_layer(opts.layer), opts.windows_per_step,
                            front if padding else None)
     return Stage("audio", module, preparer, provenance)

@@ -20,11 +20,12 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from emimimic.errors import UserError
+from emimimic.files import atomic_path
 
 #: ChatGLM3's special tokens, in the order its tokenizer numbers them after the SentencePiece ids.
 SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>",
@@ -229,11 +230,19 @@ def convert_tokenizer(model_file: Path, max_length: int) -> Any:
                                    additional_special_tokens=list(SPECIAL_TOKENS))
 
 
-def convert_chatglm3(source: str | Path, dest: str | Path, dtype: str | None = None) -> Path:
-    """Writes a ChatGLM3 checkpoint folder as a GLM model + fast tokenizer; returns ``dest``.
+def convert_chatglm3(source: Path, dest: Path,
+                     dtype: Literal["float16", "bfloat16", "float32"] | None = None) -> Path:
+    """Convert a ChatGLM3 checkpoint (THUDM/chatglm3-6b layout, which needs remote code) into
+    transformers' built-in GLM classes and a standard fast tokenizer; returns ``dest``.
 
     ``AutoModel.from_pretrained(dest)`` then loads it with no remote code, and
-    ``emimimic extract --text-model dest`` uses it.
+    ``emimimic extract --text.model dest`` uses it.
+
+    Args:
+        source: folder of the ChatGLM3 checkpoint: config.json, the weight shards (*.safetensors
+            or pytorch_model-*.bin) and tokenizer.model.
+        dest: folder to write (must not exist).
+        dtype: dtype of the written weights (default: the checkpoint's).
 
     Raises:
         UserError: a missing file, an existing ``dest``, or a checkpoint that does not map.
@@ -252,8 +261,7 @@ def convert_chatglm3(source: str | Path, dest: str | Path, dtype: str | None = N
     if torch_dtype is not None:
         model.config.dtype = torch_dtype
     tokenizer = convert_tokenizer(spm, int(raw.get("seq_length", 8192)))
-    partial = Path(f"{dest}.partial")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(dest)
+    with atomic_path(dest) as partial:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
     return dest

@@ -13,12 +13,14 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import lightning.pytorch as L
 import numpy as np
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from torch.utils.data import DataLoader, Dataset
 
@@ -26,8 +28,8 @@ from emimimic.errors import UserError
 from emimimic.extract.media import EXPECTED_REASONS, BadClip, Failure
 from emimimic.extract.work import Clip, WorkFolder
 
-#: ``--bad-input``: record a bad clip as missing and go on, or stop with an error naming it.
-BAD_INPUT_POLICIES = ("record", "error")
+#: ``bad_input``: record a bad clip as missing and go on, or stop with an error naming it.
+BadInput = Literal["record", "error"]
 
 
 @dataclass
@@ -65,13 +67,25 @@ class Stage:
 
 @dataclass
 class EngineOptions:
-    """How stages run: clips per batch, workers, and the Lightning Trainer's device options."""
+    """How stages run (``--engine.*``): clips per batch, decoding workers, the Trainer's devices.
 
-    batch_size: int = 8
-    num_workers: int = 2
+    Attributes:
+        batch_size: clips per batch; a resumed run batches the clips as the first run did.
+        num_workers: DataLoader workers that decode clips.
+        accelerator: Lightning accelerator (auto, cpu, gpu).
+        devices: devices to use (auto, a count, or a list of indices).
+        num_nodes: machines.
+        strategy: Lightning strategy, e.g. ddp for several GPUs.
+        precision: auto (bf16-mixed on a GPU with bf16, else 16-mixed; 32-true on a CPU), or any
+            Trainer precision (16-mixed, bf16-true, ...).
+        progress: show progress bars.
+    """
+
+    batch_size: PositiveInt = 8
+    num_workers: NonNegativeInt = 2
     accelerator: str = "auto"
-    devices: str | int = "auto"
-    num_nodes: int = 1
+    devices: str | int | list[int] = "auto"
+    num_nodes: PositiveInt = 1
     strategy: str = "auto"
     precision: str = "auto"
     progress: bool = True
@@ -126,7 +140,7 @@ class ClipDataModule(L.LightningDataModule):
 class ClipWriter(BasePredictionWriter):
     """Writes each clip's result (or failure) into the work folder as its batch ends."""
 
-    def __init__(self, work: WorkFolder, stage: str, bad_input: str) -> None:
+    def __init__(self, work: WorkFolder, stage: str, bad_input: BadInput) -> None:
         super().__init__(write_interval="batch")
         self.work = work
         self.stage = stage
@@ -139,7 +153,7 @@ class ClipWriter(BasePredictionWriter):
         for clip, failure in batch.failures.items():
             if self.bad_input == "error" and failure.reason not in EXPECTED_REASONS:
                 raise UserError(f"clip {clip} ({self.stage}): {failure.reason}: {failure.detail}; "
-                                "use --bad-input record to record such clips as missing")
+                                "use --bad_input record to record such clips as missing")
             self.work.save_failure(self.stage, clip, failure)
         for clip, result in prediction.items():
             if isinstance(result, str):
@@ -185,7 +199,7 @@ def groups_of(clips: Sequence[Clip], size: int) -> list[list[Clip]]:
 
 
 def run_stage(stage: Stage, clips: Sequence[Clip], work: WorkFolder, options: EngineOptions,
-              bad_input: Literal["record", "error"]) -> int:
+              bad_input: BadInput) -> int:
     """Runs a stage over the clips not done yet; returns how many groups it computed."""
     pending = [g for g in groups_of(clips, options.batch_size)
                if not all(work.done(stage.name, c.id) for c in g)]
@@ -213,6 +227,16 @@ def run_stage(stage: Stage, clips: Sequence[Clip], work: WorkFolder, options: En
 # ----------------------------------------------------------------------------------------------
 # Helpers shared by the encoders
 # ----------------------------------------------------------------------------------------------
+
+
+def provenance_of(options: Any) -> dict[str, Any]:
+    """Returns a stage's options as its provenance record: every field that can change results.
+
+    Fields whose ``metadata`` says ``{"provenance": False}`` (batching, memory) are left out, so
+    changing them does not make earlier results look as if made by other settings.
+    """
+    return {f.name: (str(v) if isinstance(v := getattr(options, f.name), Path) else v)
+            for f in fields(options) if f.metadata.get("provenance", True)}
 
 
 def weights_sha256(model: torch.nn.Module) -> str:

@@ -3,8 +3,10 @@
 Stages run in order: visual, audio, then text (speech recognition first, unless a transcripts
 file is given). Each stage records its provenance in the work folder before it runs and refuses
 to mix its results with results made by other settings. The store is then (re)packed from every
-complete modality of the work folder, so a later run with ``--modality text`` adds text to a
-store that had visual and audio.
+complete modality of the work folder, so a later run with ``--modalities [text]`` adds text to
+a store that had visual and audio. Every option is declared once, in :class:`ExtractOptions`
+and the stages' own dataclasses (``VisualOptions`` in ``visual.py``, ...), and reaches
+``emimimic extract --help``, ``--config`` files and the provenance records from there.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -27,8 +29,12 @@ from emimimic.constants import ID_COLUMN, MODALITIES
 from emimimic.data.pack import pack
 from emimimic.data.store import FeatureStore, StoreError, normalise_id
 from emimimic.errors import UserError
-from emimimic.extract.engine import EngineOptions, Stage, run_stage
+from emimimic.extract.asr import ASROptions
+from emimimic.extract.audio import AudioOptions
+from emimimic.extract.engine import BadInput, EngineOptions, Stage, run_stage
 from emimimic.extract.media import Failure
+from emimimic.extract.text import TextOptions
+from emimimic.extract.visual import VisualOptions
 from emimimic.extract.work import (
     REPORT_HEADER,
     TRANSCRIPT_COLUMN,
@@ -37,51 +43,55 @@ from emimimic.extract.work import (
     file_sha256,
     read_split_clips,
     read_transcripts,
-    write_atomic,
     write_csv,
 )
+from emimimic.files import write_atomic
 
 #: Stages a work folder can hold, in the order they run.
-STAGES = ("visual", "audio", "asr", "text")
+StageName = Literal["visual", "audio", "asr", "text"]
+STAGES: tuple[str, ...] = get_args(StageName)
+Modality = Literal["visual", "audio", "text"]
 
 
 @dataclass
 class ExtractOptions:
-    """Everything ``emimimic extract`` is asked to do (see ``emimimic extract --help``)."""
+    """Extract per-clip features from raw clips with Hugging Face models and pack them into a
+    feature store; interrupted runs resume and finished clips are skipped.
+
+    Attributes:
+        splits: split name -> CSV (Filename + targets, or Filename only), e.g.
+            ``--splits.train train_split.csv``.
+        work: work folder of per-clip results (resume, report.csv, transcripts.csv).
+        store: feature store to write (re-packed when the work folder gains data); none: only
+            the work folder.
+        raw: folder of videos {id}.mp4 (frames and audio).
+        audio_files: folder of audio files {id}.wav|mp3 used instead of the video's track.
+        face_images: folder of face crops {id}/{k}.jpg used instead of detecting faces.
+        modalities: the modalities to extract.
+        redo: stages whose results in the work folder are discarded and extracted again.
+        bad_input: a corrupt or missing file, a clip with no audio track, no face or no frames
+            is recorded as missing in WORK/report.csv and the run goes on (record), or stops the
+            run with an error naming the clip (error).
+        visual: the visual stage (:class:`~emimimic.extract.visual.VisualOptions`).
+        audio: the audio stage (:class:`~emimimic.extract.audio.AudioOptions`).
+        asr: speech recognition (:class:`~emimimic.extract.asr.ASROptions`).
+        text: the text stage (:class:`~emimimic.extract.text.TextOptions`).
+        engine: how stages run (:class:`~emimimic.extract.engine.EngineOptions`).
+    """
 
     splits: dict[str, Path]
     work: Path
     store: Path | None = None
     raw: Path | None = None
-    audio: Path | None = None
+    audio_files: Path | None = None
     face_images: Path | None = None
-    modalities: tuple[str, ...] = MODALITIES
-    visual_model: str | None = None
-    visual_revision: str | None = None
-    visual_layer: str = "last"
-    visual_token: str = "cls"
-    fps: float = 5.0
-    detector: str = "haar"
-    face_margin: float = 0.2
-    frames_per_step: int = 64
-    audio_model: str | None = None
-    audio_revision: str | None = None
-    audio_layer: str = "last"
-    chunk_seconds: float = 30.0
-    context_seconds: float = 5.0
-    windows_per_step: int = 8
-    asr_model: str | None = None
-    asr_revision: str | None = None
-    asr_language: str | None = None
-    asr_max_tokens: int = 128
-    transcripts: Path | None = None
-    text_model: str | None = None
-    text_revision: str | None = None
-    text_layer: str = "last"
-    max_tokens: int = 512
-    empty_text: str = "missing"
-    bad_input: str = "record"
-    redo: tuple[str, ...] = ()
+    modalities: list[Modality] = field(default_factory=lambda: list(MODALITIES))
+    redo: list[StageName] = field(default_factory=list)
+    bad_input: BadInput = "record"
+    visual: VisualOptions = field(default_factory=VisualOptions)
+    audio: AudioOptions = field(default_factory=AudioOptions)
+    asr: ASROptions = field(default_factory=ASROptions)
+    text: TextOptions = field(default_factory=TextOptions)
     engine: EngineOptions = field(default_factory=EngineOptions)
 
 
@@ -128,31 +138,30 @@ def _is_main_process() -> bool:
 
 def _check_inputs(opts: ExtractOptions) -> None:
     unknown = sorted(set(opts.modalities) - set(MODALITIES))
-    if unknown:
-        raise UserError(f"--modality {unknown}: expected some of {list(MODALITIES)}")
+    if unknown or not opts.modalities:
+        raise UserError(f"--modalities {opts.modalities}: expected some of {list(MODALITIES)}")
     bad = sorted(set(opts.redo) - set(STAGES))
     if bad:
         raise UserError(f"--redo {bad}: expected some of {list(STAGES)}")
-    if opts.bad_input not in ("record", "error"):
-        raise UserError(f"--bad-input {opts.bad_input!r}: expected 'record' or 'error'")
-    for option, folder in (("--raw", opts.raw), ("--audio", opts.audio),
-                           ("--face-images", opts.face_images)):
+    for option, folder in (("--raw", opts.raw), ("--audio_files", opts.audio_files),
+                           ("--face_images", opts.face_images)):
         if folder is not None and not folder.is_dir():
             raise UserError(f"{option} {folder}: folder not found")
-    needs = {"visual": [("--visual-model", opts.visual_model)],
-             "audio": [("--audio-model", opts.audio_model)],
-             "text": [("--text-model", opts.text_model)]
-             + ([] if opts.transcripts else [("--asr-model or --transcripts", opts.asr_model)])}
+    needs = {"visual": [("--visual.model", opts.visual.model)],
+             "audio": [("--audio.model", opts.audio.model)],
+             "text": [("--text.model", opts.text.model)]
+             + ([] if opts.text.transcripts else [("--asr.model or --text.transcripts",
+                                                    opts.asr.model)])}
     for m in opts.modalities:
         for option, value in needs[m]:
             if not value:
-                raise UserError(f"--modality {m} needs {option}")
+                raise UserError(f"--modalities {m} needs {option}")
     if "visual" in opts.modalities and opts.raw is None and opts.face_images is None:
-        raise UserError("--modality visual needs --raw (videos) or --face-images")
+        raise UserError("--modalities visual needs --raw (videos) or --face_images")
     audio_needed = "audio" in opts.modalities or ("text" in opts.modalities
-                                                  and not opts.transcripts)
-    if audio_needed and opts.raw is None and opts.audio is None:
-        raise UserError("audio and speech recognition need --raw (videos) or --audio")
+                                                  and not opts.text.transcripts)
+    if audio_needed and opts.raw is None and opts.audio_files is None:
+        raise UserError("audio and speech recognition need --raw (videos) or --audio_files")
 
 
 def _run(stage: Stage, clips: list[Clip], work: WorkFolder, opts: ExtractOptions) -> None:
@@ -162,10 +171,10 @@ def _run(stage: Stage, clips: list[Clip], work: WorkFolder, opts: ExtractOptions
         changed = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
         raise UserError(f"{work.folder(stage.name)}: {stage.name} results made with other "
                         f"settings (differing: {', '.join(changed)}); rerun with --redo "
-                        f"{stage.name} to replace them, or use another --work folder")
+                        f"[{stage.name}] to replace them, or use another --work folder")
     if recorded is None and _is_main_process():
         work.save_provenance(stage.name, wanted)
-    run_stage(stage, clips, work, opts.engine, opts.bad_input)  # type: ignore[arg-type]
+    run_stage(stage, clips, work, opts.engine, opts.bad_input)
 
 
 def _transcripts_csv(clips: list[Clip], work: WorkFolder) -> bytes:
@@ -180,22 +189,22 @@ def _transcripts_csv(clips: list[Clip], work: WorkFolder) -> bytes:
 def _text(clips: list[Clip], work: WorkFolder, opts: ExtractOptions) -> None:
     from emimimic.extract.text import parse_empty_text, text_stage
 
-    placeholder = parse_empty_text(opts.empty_text)
+    parse_empty_text(opts.text.empty_text)  # a bad value fails before any model loads
     entries: dict[str, str | Failure] = {}
-    if opts.transcripts is not None:
-        given = read_transcripts(opts.transcripts)
+    transcripts = opts.text.transcripts
+    if transcripts is not None:
+        given = read_transcripts(transcripts)
         lacking = [c.id for c in clips if c.id not in given]
         if lacking:
-            raise UserError(f"{opts.transcripts}: no transcript for {len(lacking)} clip(s) "
+            raise UserError(f"{transcripts}: no transcript for {len(lacking)} clip(s) "
                             f"({', '.join(lacking[:5])}{' ...' if len(lacking) > 5 else ''}); "
                             "add a row for each (an empty transcript is allowed)")
         entries = {c.id: given[c.id] for c in clips}
-        source, sha, asr = str(opts.transcripts), file_sha256(opts.transcripts), None
+        source, sha, asr = str(transcripts), file_sha256(transcripts), None
     else:
         from emimimic.extract.asr import asr_stage
 
-        stage = asr_stage(opts.asr_model or "", opts.asr_revision, opts.asr_language,
-                          opts.asr_max_tokens, opts.audio, opts.raw)
+        stage = asr_stage(opts.asr, opts.audio_files, opts.raw)
         _run(stage, clips, work, opts)
         for clip in clips:
             text = work.transcript(clip.id)
@@ -207,8 +216,7 @@ def _text(clips: list[Clip], work: WorkFolder, opts: ExtractOptions) -> None:
         if _is_main_process():
             write_atomic(path, content)
         source, sha, asr = str(path), hashlib.sha256(content).hexdigest(), stage.provenance
-    _run(text_stage(opts.text_model or "", opts.text_revision, opts.text_layer, opts.max_tokens,
-                    entries, source, sha, placeholder, asr), clips, work, opts)
+    _run(text_stage(opts.text, entries, source, sha, asr), clips, work, opts)
 
 
 def _missing(clips: list[Clip], work: WorkFolder, stage: str) -> dict[str, Failure]:
@@ -275,8 +283,9 @@ def extract(opts: ExtractOptions) -> Summary:
     """
     opts = replace(opts, splits={s: _absolute(p) for s, p in opts.splits.items()},
                    work=_absolute(opts.work), store=_absolute(opts.store), raw=_absolute(opts.raw),
-                   audio=_absolute(opts.audio), face_images=_absolute(opts.face_images),
-                   transcripts=_absolute(opts.transcripts))
+                   audio_files=_absolute(opts.audio_files),
+                   face_images=_absolute(opts.face_images),
+                   text=replace(opts.text, transcripts=_absolute(opts.text.transcripts)))
     _check_inputs(opts)
     clips = read_split_clips(opts.splits)
     if not clips:
@@ -288,15 +297,11 @@ def extract(opts: ExtractOptions) -> Summary:
     if "visual" in opts.modalities:
         from emimimic.extract.visual import visual_stage
 
-        _run(visual_stage(opts.visual_model or "", opts.visual_revision, opts.visual_layer,
-                          opts.visual_token, opts.fps, opts.detector, opts.face_margin,
-                          opts.frames_per_step, opts.raw, opts.face_images), clips, work, opts)
+        _run(visual_stage(opts.visual, opts.raw, opts.face_images), clips, work, opts)
     if "audio" in opts.modalities:
         from emimimic.extract.audio import audio_stage
 
-        _run(audio_stage(opts.audio_model or "", opts.audio_revision, opts.audio_layer,
-                         opts.chunk_seconds, opts.context_seconds, opts.windows_per_step,
-                         opts.audio, opts.raw), clips, work, opts)
+        _run(audio_stage(opts.audio, opts.audio_files, opts.raw), clips, work, opts)
     if "text" in opts.modalities:
         _text(clips, work, opts)
     if not _is_main_process():
@@ -324,7 +329,8 @@ def _finish(clips: list[Clip], work: WorkFolder, opts: ExtractOptions) -> Summar
             continue
         if len(have) + len(failures) < len(clips):
             print(f"warning: {work.folder(stage)} is incomplete ({len(have) + len(failures)} of "
-                  f"{len(clips)} clips); it is left out of the store: run --modality {stage}")
+                  f"{len(clips)} clips); it is left out of the store: run --modalities "
+                  f"[{stage}]")
             continue
         if have:
             packable[stage] = work.folder(stage)

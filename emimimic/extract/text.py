@@ -10,10 +10,12 @@ states of the real tokens as they are.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from jsonargparse.typing import PositiveInt
 
 from emimimic.errors import UserError
 from emimimic.extract.engine import (
@@ -22,12 +24,36 @@ from emimimic.extract.engine import (
     Stage,
     load_pretrained,
     parse_layer,
+    provenance_of,
     select_layer,
     to_numpy,
     weights_sha256,
 )
 from emimimic.extract.media import BadClip, Failure
 from emimimic.extract.work import Clip
+
+
+@dataclass
+class TextOptions:
+    """How transcripts become features (``--text.*``).
+
+    Attributes:
+        model: Hugging Face language model name or local path (ChatGLM3: see
+            ``emimimic convert-chatglm3``); needed to extract text features.
+        revision: model revision (branch, tag or commit).
+        layer: last (last_hidden_state) or an index into hidden_states.
+        max_tokens: longest transcript, in tokens (at most the model's limit).
+        empty_text: an empty transcript leaves the clip without text (missing), or is replaced:
+            placeholder=TEXT (the paper's choice).
+        transcripts: CSV Filename,transcript to use instead of speech recognition.
+    """
+
+    model: str | None = None
+    revision: str | None = None
+    layer: str = "last"
+    max_tokens: PositiveInt = 512
+    empty_text: str = "missing"
+    transcripts: Path | None = None
 
 
 def parse_empty_text(text: str) -> str | None:
@@ -40,7 +66,7 @@ def parse_empty_text(text: str) -> str | None:
         return None
     key, sep, value = text.partition("=")
     if key != "placeholder" or not sep or not value.strip():
-        raise UserError(f"--empty-text {text!r}: expected 'missing' or 'placeholder=TEXT'")
+        raise UserError(f"--text.empty_text {text!r}: expected 'missing' or 'placeholder=TEXT'")
     return value
 
 
@@ -125,21 +151,17 @@ class TokenEncoder(LayerEncoder):
                 for n, (clip, t) in enumerate(zip(batch.ids, batch.lengths, strict=True))}
 
 
-def text_stage(model_name: str, revision: str | None, layer: str, max_tokens: int,
-               transcripts: dict[str, str | Failure], source: str, source_sha256: str | None,
-               placeholder: str | None, asr: dict[str, Any] | None) -> Stage:
+def text_stage(opts: TextOptions, transcripts: dict[str, str | Failure], source: str,
+               source_sha256: str | None, asr: dict[str, Any] | None) -> Stage:
     """Returns the text stage: loads the language model and its tokenizer."""
     from transformers import AutoModel, AutoTokenizer
 
-    model = load_pretrained(AutoModel, model_name, revision, "--text-model")
-    tokenizer = load_pretrained(AutoTokenizer, model_name, revision, "--text-model")
-    provenance = {
-        "model": model_name, "revision": revision, "weights_sha256": weights_sha256(model),
-        "layer": layer, "max_tokens": max_tokens, "transcripts": source,
-        "transcripts_sha256": source_sha256,
-        "empty_text": "missing" if placeholder is None else f"placeholder={placeholder}",
-        "asr": asr,
-    }
-    preparer = TokenPreparer(tokenizer, transcripts, source, placeholder, max_tokens)
-    return Stage("text", TokenEncoder(model, model_name, parse_layer(layer)), preparer,
+    name = opts.model or ""
+    placeholder = parse_empty_text(opts.empty_text)
+    model = load_pretrained(AutoModel, name, opts.revision, "--text.model")
+    tokenizer = load_pretrained(AutoTokenizer, name, opts.revision, "--text.model")
+    provenance = {**provenance_of(opts), "weights_sha256": weights_sha256(model),
+                  "transcripts": source, "transcripts_sha256": source_sha256, "asr": asr}
+    preparer = TokenPreparer(tokenizer, transcripts, source, placeholder, opts.max_tokens)
+    return Stage("text", TokenEncoder(model, name, parse_layer(opts.layer)), preparer,
                  provenance)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 
 from emimimic.extract.engine import (
     ClipBatch,
@@ -15,6 +16,7 @@ from emimimic.extract.engine import (
     Stage,
     load_pretrained,
     parse_layer,
+    provenance_of,
     select_layer,
     to_numpy,
     weights_sha256,
@@ -32,7 +34,33 @@ from emimimic.extract.work import Clip
 
 #: How a frame's token sequence becomes one vector: the first (CLS) token, the token mean, or the
 #: model's own ``pooler_output``.
-TOKEN_POOLING = ("cls", "mean", "pooler")
+TokenPooling = Literal["cls", "mean", "pooler"]
+
+
+@dataclass
+class VisualOptions:
+    """How faces become features (``--visual.*``).
+
+    Attributes:
+        model: Hugging Face image model name or local path (needed to extract visual features).
+        revision: model revision (branch, tag or commit).
+        layer: last (last_hidden_state) or an index into hidden_states.
+        token: one vector per face crop: the CLS token, the token mean or pooler_output.
+        fps: frames sampled per second of video.
+        detector: face detector: haar (OpenCV's, offline), none (the whole frame) or
+            package.module:Class.
+        face_margin: crop side = face box side x (1 + margin).
+        frames_per_step: face crops per forward pass (bounds device memory, not the results).
+    """
+
+    model: str | None = None
+    revision: str | None = None
+    layer: str = "last"
+    token: TokenPooling = "cls"
+    fps: PositiveFloat = 5.0
+    detector: str = "haar"
+    face_margin: NonNegativeFloat = 0.2
+    frames_per_step: PositiveInt = field(default=64, metadata={"provenance": False})
 
 
 @dataclass
@@ -101,12 +129,12 @@ class FrameEncoder(LayerEncoder):
     """Encodes face crops with an image model (``AutoModel``); one vector per crop.
 
     Args (beyond :class:`~emimimic.extract.engine.LayerEncoder`'s):
-        token: how a crop's tokens become one vector (see :data:`TOKEN_POOLING`).
+        token: how a crop's tokens become one vector (see :data:`TokenPooling`).
         frames_per_step: crops per forward pass (bounds device memory whatever the clip length).
     """
 
     def __init__(self, model: torch.nn.Module, name: str, layer: int | None,
-                 token: Literal["cls", "mean", "pooler"], frames_per_step: int) -> None:
+                 token: TokenPooling, frames_per_step: int) -> None:
         super().__init__(model, name, layer)
         self.token = token
         self.frames_per_step = frames_per_step
@@ -120,7 +148,7 @@ class FrameEncoder(LayerEncoder):
         if hidden.ndim == 4:  # convolutional models: [N, C, H, W]
             if self.token == "cls":
                 raise ValueError(f"{self.name}: a convolutional model has no CLS token; "
-                                 "use --visual-token mean or pooler")
+                                 "use --visual.token mean or pooler")
             return hidden.flatten(2).mean(-1)
         return hidden[:, 0] if self.token == "cls" else hidden.mean(1)
 
@@ -135,25 +163,22 @@ class FrameEncoder(LayerEncoder):
                                                       strict=True)}
 
 
-def visual_stage(model_name: str, revision: str | None, layer: str, token: str, fps: float,
-                 detector: str, margin: float, frames_per_step: int, raw_dir: Path | None,
-                 face_dir: Path | None) -> Stage:
+def visual_stage(opts: VisualOptions, raw_dir: Path | None, face_dir: Path | None) -> Stage:
     """Returns the visual stage: loads the image model and its processor."""
     from transformers import AutoImageProcessor, AutoModel
 
-    model = load_pretrained(AutoModel, model_name, revision, "--visual-model")
-    processor = load_pretrained(AutoImageProcessor, model_name, revision, "--visual-model")
-    face_detector = load_detector(detector)
-    index = parse_layer(layer)
-    provenance = {
-        "model": model_name, "revision": revision, "weights_sha256": weights_sha256(model),
-        "layer": layer, "token": token,
-        "source": "face_images" if face_dir is not None else "video",
-        "frames_from": str(face_dir if face_dir is not None else raw_dir),
-        "fps": None if face_dir is not None else fps,
-        "detector": None if face_dir is not None else detector_name(face_detector),
-        "face_margin": None if face_dir is not None else margin,
-    }
-    preparer = FramePreparer(processor, raw_dir, face_dir, fps, face_detector, margin)
-    module = FrameEncoder(model, model_name, index, token, frames_per_step)  # type: ignore[arg-type]
+    model = load_pretrained(AutoModel, opts.model or "", opts.revision, "--visual.model")
+    processor = load_pretrained(AutoImageProcessor, opts.model or "", opts.revision,
+                                "--visual.model")
+    face_detector = load_detector(opts.detector)
+    index = parse_layer(opts.layer)
+    provenance = {**provenance_of(opts), "weights_sha256": weights_sha256(model),
+                  "detector": detector_name(face_detector),
+                  "source": "face_images" if face_dir is not None else "video",
+                  "frames_from": str(face_dir if face_dir is not None else raw_dir)}
+    if face_dir is not None:  # given crops: no frames sampled, no faces detected
+        provenance.update(fps=None, detector=None, face_margin=None)
+    preparer = FramePreparer(processor, raw_dir, face_dir, opts.fps, face_detector,
+                             opts.face_margin)
+    module = FrameEncoder(model, opts.model or "", index, opts.token, opts.frames_per_step)
     return Stage("visual", module, preparer, provenance)

@@ -33,6 +33,7 @@ from emimimic.constants import ID_COLUMN
 from emimimic.data.store import StoreError, normalise_id
 from emimimic.errors import UserError
 from emimimic.extract.media import Failure
+from emimimic.files import write_atomic
 
 TRANSCRIPT_COLUMN = "transcript"
 REPORT_HEADER = (ID_COLUMN, "split", "modality", "reason", "detail")
@@ -72,17 +73,6 @@ def read_split_clips(splits: Mapping[str, Path]) -> list[Clip]:
             owner[clip] = split
             clips.append(Clip(clip, split))
     return clips
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` through a temporary file and a rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def file_sha256(path: Path) -> str:

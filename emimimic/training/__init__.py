@@ -1,22 +1,34 @@
-"""Training: the LightningModule, its losses and metrics, and the callbacks it runs with."""
+"""Training: the LightningModule, its losses and metrics, and the callbacks it runs with.
 
-from emimimic.training.callbacks import EMA, EpochSeed, LastCheckpoint
-from emimimic.training.losses import EMILoss, LossOptions, pearson_loss
-from emimimic.training.metrics import EMIPearson, pearson_dict
-from emimimic.training.module import EMIModule
-from emimimic.training.report import TargetPearson
-from emimimic.training.submission import SubmissionWriter
+Names are imported on first use, so the parts that need no Lightning (losses, correlation,
+checkpoint reading) can be used without importing it.
+"""
 
-__all__ = [
-    "EMA",
-    "EMILoss",
-    "EMIModule",
-    "EMIPearson",
-    "EpochSeed",
-    "LastCheckpoint",
-    "LossOptions",
-    "SubmissionWriter",
-    "TargetPearson",
-    "pearson_dict",
-    "pearson_loss",
-]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_LAZY = {
+    "EMA": "emimimic.training.callbacks",
+    "EpochSeed": "emimimic.training.callbacks",
+    "LastCheckpoint": "emimimic.training.callbacks",
+    "default_callbacks": "emimimic.training.callbacks",
+    "EMILoss": "emimimic.training.losses",
+    "LossOptions": "emimimic.training.losses",
+    "pearson_loss": "emimimic.training.losses",
+    "ccc_loss": "emimimic.training.losses",
+    "EMIPearson": "emimimic.training.metrics",
+    "pearson_dict": "emimimic.training.metrics",
+    "EMIModule": "emimimic.training.module",
+    "TargetPearson": "emimimic.training.report",
+    "SubmissionWriter": "emimimic.training.submission",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'emimimic.training' has no attribute {name!r}")

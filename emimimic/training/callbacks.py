@@ -1,15 +1,22 @@
 """Lightning callbacks for EMI runs: EMA weights that every evaluation uses, a ``last.ckpt``
-written every epoch, and per-epoch seeds that make a resumed run repeat the uninterrupted one."""
+written every epoch, per-epoch seeds that make a resumed run repeat the uninterrupted one, and
+:func:`default_callbacks`, the one list of standard callbacks that the CLI and notebooks use."""
 
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
+from lightning.pytorch.callbacks import (
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    WeightAveraging,
+)
 from lightning.pytorch.trainer.states import TrainerFn
 
 from emimimic.contract import FeatureBatch
@@ -154,3 +161,77 @@ class EpochSeed(Callback):
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         torch.manual_seed(epoch_seed(run_seed(), trainer.current_epoch, offset=1))
+
+
+def standard_callbacks() -> dict[str, tuple[type[Callback], dict[str, Any]]]:
+    """Returns the standard callbacks of a run: name -> (class, default arguments), in order.
+
+    The names are the CLI's sections (``--ema.decay``, ``--early_stopping.patience``,
+    ``--report null`` ...). The order matters: the per-target report and the epoch seeds come
+    before the EMA, and the checkpoints (which Lightning runs last anyway) after everything
+    whose state they save.
+    """
+    from emimimic.training.dashboard import WandbDashboard
+    from emimimic.training.module import EMIModule
+    from emimimic.training.report import TargetPearson
+    from emimimic.training.submission import SubmissionWriter
+
+    watch = {"monitor": EMIModule.monitor, "mode": EMIModule.mode}
+    return {
+        "report": (TargetPearson, {}),
+        "epoch_seed": (EpochSeed, {}),
+        "dashboard": (WandbDashboard, {}),
+        "ema": (EMA, {"decay": 0.999}),
+        "early_stopping": (EarlyStopping, {**watch, "patience": 8}),
+        "lr_monitor": (LearningRateMonitor, {"logging_interval": "epoch"}),
+        "submission": (SubmissionWriter, {}),
+        "checkpoint": (ModelCheckpoint, {**watch, "filename": "best-epoch{epoch:03d}",
+                                         "auto_insert_metric_name": False}),
+        "last_checkpoint": (LastCheckpoint, {}),
+    }
+
+
+def default_callbacks(root_dir: str | os.PathLike[str] | None = None,
+                      **given: Callback | None) -> list[Callback]:
+    """Returns emimimic's standard callbacks, as ``emimimic fit`` runs them.
+
+    They are, in order: ``report`` (:class:`~emimimic.training.report.TargetPearson`: each
+    target's Pearson, the end-of-fit summary), ``epoch_seed`` (:class:`EpochSeed`: exact
+    resume), ``dashboard`` (W&B figures when a WandbLogger is used), ``ema`` (:class:`EMA`,
+    decay 0.999), ``early_stopping`` (``val/pearson``, patience 8), ``lr_monitor``,
+    ``submission`` (the challenge CSV of ``predict``), ``checkpoint`` (the best by
+    ``val/pearson``) and ``last_checkpoint`` (``last.ckpt`` every epoch). Use it with a plain
+    Trainer so that a notebook's run has what a CLI run has::
+
+        trainer = Trainer(callbacks=default_callbacks("runs/nb", ema=EMA(0.999, warmup=True)))
+
+    Args:
+        root_dir: the run's folder: both checkpoint callbacks write to ``root_dir/checkpoints``
+            unless they were given a ``dirpath`` (default: the working directory).
+        given: a callback by name (above) to use instead of the default one, or None to leave
+            it out.
+
+    Raises:
+        TypeError: a name that is not a standard callback.
+    """
+    table = standard_callbacks()
+    unknown = sorted(set(given) - set(table))
+    if unknown:
+        raise TypeError(f"default_callbacks: unknown callbacks {unknown}; the standard ones are "
+                        f"{list(table)}")
+    folder = os.path.join(os.fspath(root_dir) if root_dir is not None else os.getcwd(),
+                          "checkpoints")
+    out: list[Callback] = []
+    for name, (cls, kwargs) in table.items():
+        callback = given[name] if name in given else cls(**kwargs)
+        if callback is None:
+            continue
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            # a fixed folder (not the logger's version_N), so a later process finds them
+            callback.dirpath = os.path.realpath(folder)
+        out.append(callback)
+    best = [c for c in out if type(c) is ModelCheckpoint]
+    for last in (c for c in out if isinstance(c, LastCheckpoint)):
+        if best and last.dirpath != best[0].dirpath:
+            last.dirpath = best[0].dirpath  # --ckpt_path best reads it from last.ckpt's folder
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from typing import Any
 
@@ -12,6 +13,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from emimimic.constants import ID_COLUMN
 from emimimic.errors import UserError
+from emimimic.files import write_atomic
 from emimimic.training.module import StepPredictions
 
 
@@ -84,15 +86,19 @@ class SubmissionWriter(BasePredictionWriter):
         if expected is not None and set(expected) != set(ids):
             missing = sorted(set(expected) - set(ids))[:5]
             raise RuntimeError(f"no prediction for clips {missing}; not writing {path}")
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.partial"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow([ID_COLUMN, *targets])
-            for clip, values in sorted(rows):
-                writer.writerow([clip, *(f"{v:.6f}" for v in values)])
-        os.replace(tmp, path)
+        write_submission(path, targets, rows)
         print(f"wrote {len(rows)} predictions to {path}")
+
+
+def write_submission(path: str | os.PathLike[str], targets: list[str],
+                     rows: list[tuple[str, list[float]]]) -> None:
+    """Writes an ABAW submission CSV atomically: the label files' header, rows sorted by id."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([ID_COLUMN, *targets])
+    for clip, values in sorted(rows):
+        writer.writerow([clip, *(f"{v:.6f}" for v in values)])
+    write_atomic(path, buf.getvalue())
 
 
 def _expected_ids(trainer: Trainer) -> list[str] | None:

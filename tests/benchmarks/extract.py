@@ -237,11 +237,12 @@ def main() -> None:
 
         write_split(root / "train.csv", [int(c.id) for c in clips])
         tx = write_transcripts(root / "tx.csv", transcripts)
-        argv = ["--split", f"train={root / 'train.csv'}", "--raw", str(root / "raw"),
+        argv = ["--splits.train", str(root / "train.csv"), "--raw", str(root / "raw"),
                 "--work", str(root / "work"), "--store", str(root / "store"),
-                "--visual-model", str(paths["vit"]), "--audio-model", str(paths["wavlm"]),
-                "--text-model", str(paths["lm"]), "--transcripts", str(tx), "--quiet",
-                "--batch-size", str(args.batch_size), "--num-workers", str(args.workers)]
+                "--visual.model", str(paths["vit"]), "--audio.model", str(paths["wavlm"]),
+                "--text.model", str(paths["lm"]), "--text.transcripts", str(tx),
+                "--engine.progress", "false", "--engine.batch_size", str(args.batch_size),
+                "--engine.num_workers", str(args.workers)]
         t = time.perf_counter()
         commands.main(argv)
         print(f"  end to end (visual, audio, text from transcripts; {args.workers} workers): "

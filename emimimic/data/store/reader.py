@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from emimimic.constants import STEPS
 from emimimic.data.store.format import (
@@ -23,7 +22,6 @@ from emimimic.data.store.format import (
     index_file,
     read_labels_csv,
 )
-from emimimic.pooling import expand_rows
 
 
 class SplitView:
@@ -254,6 +252,10 @@ class SplitView:
 
         Absent clips give zero rows; use :meth:`present` to tell them from real data.
         """
+        import torch
+
+        from emimimic.pooling import expand_rows
+
         idx = np.asarray(indices, dtype=np.int64)
         rows = torch.from_numpy(self.read_rows(m, idx))
         lengths = torch.from_numpy(self._index[self._modality(m)][idx, 1])

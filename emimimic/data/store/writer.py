@@ -26,6 +26,7 @@ from emimimic.data.store.format import (
     make_manifest,
     write_labels_csv,
 )
+from emimimic.files import write_atomic
 from emimimic.pooling import pool_reference
 
 PROGRESS = "progress.json"
@@ -213,9 +214,7 @@ class StoreWriter:
                 os.truncate(self._index_part(name, m), state["done"] * 3 * 8)
 
     def _write_progress(self, progress: dict[str, Any]) -> None:
-        tmp = self.partial / f"{PROGRESS}.tmp"
-        tmp.write_text(json.dumps(progress, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, self.partial / PROGRESS)
+        write_atomic(self.partial / PROGRESS, json.dumps(progress, sort_keys=True))
 
     def done(self, split: str) -> int:
         """Returns how many clips of ``split`` are already written (where to continue)."""

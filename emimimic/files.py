@@ -1,0 +1,47 @@
+"""Files that are never half-written: everything emimimic publishes goes through here.
+
+A file (or folder) is written under a temporary name beside its destination, flushed to disk,
+and renamed into place, so a killed process leaves either the old state or the new one, and a
+reader never sees a partial file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yields a temporary path beside ``path``; renames it to ``path`` when the block succeeds.
+
+    Write a file or a whole folder at the yielded path; on an exception the temporary is removed
+    and ``path`` is left as it was. An existing file at ``path`` is replaced; a folder is not
+    (renaming onto a folder fails), which callers check first.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
+    """Writes ``data`` (text as UTF-8) to ``path`` through a temporary file and a rename."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+__all__ = ["atomic_path", "write_atomic"]
