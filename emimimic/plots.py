@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from emimimic.constants import EMOTIONS
+from emimimic import constants
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -49,14 +49,6 @@ def save_png(fig: Figure, path: str | os.PathLike[str], dpi: int = DPI) -> Path:
     return out
 
 
-def _target_names(k: int, target_names: Sequence[str] | None) -> list[str]:
-    if target_names is None:
-        return list(EMOTIONS) if k == len(EMOTIONS) else [f"target {i}" for i in range(k)]
-    if len(target_names) != k:
-        raise ValueError(f"{len(target_names)} target names for {k} targets")
-    return list(target_names)
-
-
 def pearson_bars(r: Sequence[float] | np.ndarray | Mapping[str, float],
                  target_names: Sequence[str] | None = None, title: str | None = None) -> Figure:
     """Returns a bar chart of Pearson's r per target, with the mean (the challenge score) as a line.
@@ -70,7 +62,7 @@ def pearson_bars(r: Sequence[float] | np.ndarray | Mapping[str, float],
         names, values = list(r), np.asarray(list(r.values()), dtype=float)
     else:
         values = np.asarray(r, dtype=float).reshape(-1)
-        names = _target_names(values.size, target_names)
+        names = constants.target_names(values.size, target_names)
     fig = _figure(6.4, 4.0)
     ax = fig.add_subplot()
     x = np.arange(values.size)
@@ -106,7 +98,7 @@ def scatter_grid(preds: np.ndarray, labels: np.ndarray,
     if p.ndim != 2 or p.shape != y.shape:
         raise ValueError(f"preds {p.shape} and labels {y.shape} must both be [N, K]")
     k = p.shape[1]
-    names = _target_names(k, target_names)
+    names = constants.target_names(k, target_names)
     r = pearson(p, y, names)
     ncols = max(1, min(ncols, k))
     nrows = -(-k // ncols)
@@ -262,7 +254,7 @@ def modality_weights(weights: Mapping[str, np.ndarray],
     if stacked.ndim != 3:
         raise ValueError(f"weights must be modality -> [N, K], got shape {stacked.shape[:-1]}")
     n, k, _ = stacked.shape
-    targets = _target_names(k, target_names)
+    targets = constants.target_names(k, target_names)
     cols = min(3, k)
     rows = -(-k // cols)
     fig = _figure(3.6 * cols, 2.6 * rows)

@@ -8,9 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.state import restored_global_state
 
 from emimimic.constants import EMOTIONS
 from emimimic.data.synth import synth
+
+
+@pytest.fixture(autouse=True)
+def global_state():
+    """Every test starts from the global state the last one found: seeds set by one test (e.g.
+    ``seed_everything``, which also sets ``PL_GLOBAL_SEED`` that the samplers read) do not leak
+    into the next."""
+    with restored_global_state():
+        yield
+
 
 #: Clips per split of the ``demo_store`` fixture (small, default demo dims).
 DEMO_COUNTS = {"train": 96, "valid": 64, "test": 32}

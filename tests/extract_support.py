@@ -239,8 +239,3 @@ def build_lm(path: Path) -> Path:
     tokenizer.save_pretrained(path)
     return path
 
-
-def pooled(raw: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Returns the 128-step float16 pooling of a [T, D] sequence, computed independently."""
-    t = torch.as_tensor(np.asarray(raw), dtype=torch.float32)
-    return torch.nn.functional.adaptive_avg_pool1d(t.T[None], 128)[0].T.half().numpy()

@@ -12,14 +12,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from support.reference import QUICKSTART as QUICKSTART_PATH
+from support.reference import REPO
 
 import emimimic
 from emimimic.__main__ import COMMANDS, main
 from emimimic.cli import best_checkpoint, cli_main
 from emimimic.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
-QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+QUICKSTART = str(QUICKSTART_PATH)
 
 
 def _run(

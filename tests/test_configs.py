@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from support.reference import REPO
 
 from emimimic.cli import cli_main
 from emimimic.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
 PAPER_BASE = REPO / "configs" / "paper" / "base.yaml"
 EXPERIMENTS = sorted(
     [p for p in (REPO / "configs" / "paper").rglob("*.yaml") if p != PAPER_BASE]

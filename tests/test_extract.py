@@ -16,7 +16,6 @@ from extract_support import (
     build_vit,
     build_wavlm,
     build_whisper,
-    pooled,
     speech_like,
     write_face_images,
     write_split,
@@ -24,6 +23,7 @@ from extract_support import (
     write_video,
     write_wav,
 )
+from support.reference import torch_pool
 
 pytest.importorskip("transformers")
 pytest.importorskip("av")
@@ -106,7 +106,7 @@ def test_pooled_features_equal_independent_encoding(tmp_path: Path, models: dict
                 raw = reference_encoding(models[model], m, data)
                 assert view.raw_lengths(m)[i] == raw.shape[0], (clip, m)
                 np.testing.assert_allclose(view.read(m, i).astype(np.float32),
-                                           pooled(raw).astype(np.float32), rtol=1e-2, atol=3e-3,
+                                           torch_pool(raw).astype(np.float32), rtol=1e-2, atol=3e-3,
                                            err_msg=f"clip {clip}, {m}")
 
     # the provenance of each modality is in the manifest
@@ -329,3 +329,33 @@ def test_options_are_checked_before_any_model_loads(tmp_path: Path) -> None:
             str(write_transcripts(tmp_path / "t.csv", {"00000": "hi"})), "--text.empty_text",
             "blank", store=None)
     assert not os.path.exists(tmp_path / "work" / "provenance")
+
+
+def test_a_config_file_gives_the_same_run_as_the_flags(tmp_path: Path, models: dict,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """``--print_config`` writes the flags' options; ``-c`` reads them back into the same run:
+    the flags then find every result done and the store up to date (the provenance, which
+    records every option that changes results, is equal)."""
+    splits = {"train": write_split(tmp_path / "train.csv", [0, 1, 2])}
+    tx = write_transcripts(tmp_path / "tx.csv", {"00000": "hi there", "00001": "a dog",
+                                                 "00002": ""})
+    flags = [a for s, p in splits.items() for a in (f"--splits.{s}", str(p))]
+    flags += ["--work", str(tmp_path / "work"), "--store", str(tmp_path / "store"),
+              "--engine.num_workers", "0", "--engine.batch_size", "2", "--engine.progress",
+              "false", "--modalities", "[text]", "--text.model", str(models["lm"]),
+              "--text.transcripts", str(tx), "--text.max_tokens", "16", "--text.layer", "-2"]
+    with pytest.raises(SystemExit):
+        commands.main([*flags, "--print_config"])
+    config = tmp_path / "extract.yaml"
+    config.write_text(capsys.readouterr().out)
+    assert "max_tokens: 16" in config.read_text() and "layer: '-2'" in config.read_text()
+    assert not (tmp_path / "work").exists()  # printing did nothing else
+    commands.main(["-c", str(config)])
+    assert "store" in capsys.readouterr().out
+    first = (tmp_path / "store" / "manifest.json").read_bytes()
+    commands.main(flags)
+    assert f"store {tmp_path / 'store'}: up to date" in capsys.readouterr().out
+    assert (tmp_path / "store" / "manifest.json").read_bytes() == first
+    # and a flag that differs is a different run, refused against the same work folder
+    with pytest.raises(UserError, match="differing: max_tokens"):
+        commands.main([*flags[:-4], "--text.max_tokens", "8", "--text.layer", "-2"])

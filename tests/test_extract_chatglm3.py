@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from extract_support import WORDS, pooled, write_split, write_transcripts
+from extract_support import WORDS, write_split, write_transcripts
+from support.reference import torch_pool
 
 pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
@@ -193,4 +194,4 @@ def test_converted_model_extracts_text(converted: tuple, tmp_path: Path) -> None
         with torch.no_grad():
             raw = model(**tok(texts[clip], return_tensors="pt")).last_hidden_state[0]
         np.testing.assert_allclose(view.read("text", i).astype(np.float32),
-                                   pooled(raw).astype(np.float32), rtol=1e-2, atol=3e-3)
+                                   torch_pool(raw).astype(np.float32), rtol=1e-2, atol=3e-3)

@@ -18,6 +18,7 @@ from extract_support import (
     write_split,
     write_video,
 )
+from support.reference import REPO
 
 pytest.importorskip("transformers")
 pytest.importorskip("av")
@@ -25,7 +26,6 @@ pytest.importorskip("cv2")
 
 from emimimic.extract import commands  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAIN, VALID = list(range(0, 6)), list(range(6, 10))
 
 
@@ -43,9 +43,9 @@ def extract_argv(root: Path, work: str, store: str) -> list[str]:
 
 def start(argv: list[str]) -> subprocess.Popen:
     code = f"from emimimic.extract.commands import main; main({argv!r})"
-    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +113,6 @@ def test_fit_one_epoch_on_an_extracted_store(reference: Path, tmp_path: Path) ->
     cmd = [sys.executable, "-m", "emimimic", "fit", "-c", "configs/quickstart.yaml",
            "--data.store", str(reference), "--trainer.default_root_dir", str(tmp_path),
            "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert list(tmp_path.rglob("*.ckpt")), "fit wrote no checkpoint"

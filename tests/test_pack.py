@@ -10,17 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from support.reference import torch_pool
 
 from emimimic.constants import EMOTIONS
 from emimimic.data import commands
 from emimimic.data import pack as pack_mod
 from emimimic.data.pack import pack
 from emimimic.data.store import FeatureStore, StoreError
-
-
-def torch_pool(raw: np.ndarray) -> np.ndarray:
-    return F.adaptive_avg_pool1d(torch.from_numpy(raw).T[None].float(), 128)[0].T.half().numpy()
 
 
 def check_round_trip(store: FeatureStore, inputs: dict) -> None:

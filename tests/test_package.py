@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from support.reference import REPO
 
 
 def test_top_level_import_is_light_and_exposes_the_main_classes():

@@ -5,12 +5,12 @@ from __future__ import annotations
 import functools
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy import stats
+from support.reference import REPO
 
 from emimimic.constants import STEPS
 from emimimic.errors import ConfigError
@@ -20,7 +20,6 @@ from emimimic.models.fusion import available_fusions, fusion_class
 from emimimic.models.fusion.gated import GatedFusion
 from emimimic.models.fusion.text_query import TextQueryFusion
 
-REPO = Path(__file__).resolve().parents[1]
 TARGETS = [f"t{k}" for k in range(5)]
 DIMS = {"visual": 7, "audio": 11, "text": 13}
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from support.reference import torch_pool
 
 from emimimic.constants import STEPS
 from emimimic.pooling import BINS, expand_rows, pool_reference, windows
@@ -18,12 +19,6 @@ def f16_rows(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape) * 10.0 ** rng.uniform(-4, 3, size=shape)
     return torch.from_numpy((x.astype(np.float16).astype(np.float32) + 0.0).astype(np.float16))
-
-
-def torch_pool(raw: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Independent reference: adaptive average pooling to 128 steps in float32, then float16."""
-    t = torch.as_tensor(np.asarray(raw)).float()
-    return F.adaptive_avg_pool1d(t.T[None], STEPS)[0].T.half().numpy()
 
 
 def batch_of(lengths: list[int], dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from support.reference import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 4
 
 

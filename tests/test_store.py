@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+from support.reference import torch_pool
 
 from emimimic.data.store import (
     FeatureStore,
@@ -24,9 +23,6 @@ from emimimic.data.store import (
 LENGTHS = (1, 7, 127, 128, 129, 1000)
 
 
-def torch_pool(raw: np.ndarray) -> np.ndarray:
-    """Independent reference: the expression the store format promises to match."""
-    return F.adaptive_avg_pool1d(torch.from_numpy(raw).T[None].float(), 128)[0].T.half().numpy()
 
 
 def f16_values(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 from scipy import stats as sps
+from support.reference import QUICKSTART
 
 from emimimic.constants import EMOTIONS
 from emimimic.data.store import FeatureStore
@@ -19,7 +20,6 @@ from emimimic.errors import UserError
 from emimimic.experiments.runs import split_argv
 from emimimic.experiments.table import main
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 SEEDS = (0, 1, 2)
 ROWS = ("concat", "average")
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from functools import partial
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from support.reference import QUICKSTART
 
 from emimimic.data.datamodule import EMIDataModule
 from emimimic.training import EMA, EMIModule, LossOptions
@@ -212,3 +216,44 @@ def test_score_raw_logs_the_raw_weights_pearson(demo_store, tmp_path):
     scored = _trainer().validate(fresh, datamodule=data, verbose=False)[0]["val/pearson"]
     assert raw == pytest.approx(scored, abs=1e-6)
     assert abs(raw - ema) > 1e-4  # the EMA weights score differently: two things were measured
+
+
+def test_default_callbacks_give_a_plain_trainer_what_the_cli_has(demo_store, tmp_path, capsys):
+    """A notebook's Trainer(callbacks=default_callbacks(...)) writes last.ckpt, the best
+    checkpoint and the per-target report, with the very callbacks the CLI runs."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from emimimic.cli import cli_main
+    from emimimic.training import default_callbacks
+    from emimimic.training.checkpoints import best_checkpoint, load_checkpoint
+
+    seed_everything(0)
+    data = EMIDataModule(str(demo_store), batch_size=32)
+    model = EMIModule(dims=data.dims, targets=data.targets, optimizer=adamw(1e-3))
+    callbacks = default_callbacks(tmp_path, ema=EMA(0.999, warmup=True))
+    names = [type(c).__name__ for c in callbacks]
+    trainer = _trainer(max_epochs=2, callbacks=callbacks, default_root_dir=str(tmp_path),
+                       logger=CSVLogger(str(tmp_path), name="logs", version="fit"))
+    trainer.fit(model, datamodule=data)
+    printed = capsys.readouterr().out
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    best = best_checkpoint(str(tmp_path / "checkpoints"))
+    assert Path(best).name.startswith("best-epoch")
+    # the per-target report: logged each epoch, printed at the end
+    metrics = pd.read_csv(tmp_path / "logs" / "fit" / "metrics.csv")
+    assert metrics["val/pearson/Joy"].notna().sum() == 2
+    assert re.search(r"^best epoch \d of 2: val/pearson -?\d\.\d{4}$", printed, flags=re.M)
+    assert f"best checkpoint: {best}" in printed
+    # last.ckpt carries the exact-resume state and the EMA (the CLI's set, not a subset)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert "current_model_state" in state
+    assert any(k.startswith("TargetPearson") for k in state["callbacks"])
+    cli = cli_main(["-c", str(QUICKSTART), "--data.store", str(demo_store),
+                    "--trainer.default_root_dir", str(tmp_path / "cli")], run=False)
+    assert len(names) == 9
+    assert [type(c).__name__ for c in cli.trainer.callbacks if type(c).__name__ in names] \
+        == [type(c).__name__ for c in trainer.callbacks if type(c).__name__ in names]
+    with pytest.raises(TypeError, match="unknown callbacks \\['emaa'\\]"):
+        default_callbacks(tmp_path, emaa=None)
+    without = default_callbacks(tmp_path, dashboard=None, lr_monitor=None)
+    assert len(without) == 7

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from emimimic import constants
 from emimimic.training.correlation import correlation_from_moments
 
 #: Resamples turned into count matrices at once; bounds memory to ~CHUNK × N × 8 bytes.
@@ -115,14 +116,6 @@ def _weighted_pearson(counts: np.ndarray, preds: np.ndarray, labels: np.ndarray
     return r.numpy(), undefined.numpy()
 
 
-def _names(k: int, target_names: Sequence[str] | None) -> list[str]:
-    if target_names is None:
-        return [f"target {i}" for i in range(k)]
-    if len(target_names) != k:
-        raise ValueError(f"{len(target_names)} target names for {k} columns")
-    return list(target_names)
-
-
 def pearson(preds: np.ndarray, labels: np.ndarray,
             target_names: Sequence[str] | None = None) -> np.ndarray:
     """Returns Pearson's r per target ``[K]`` over the whole split (the challenge metric).
@@ -137,7 +130,7 @@ def pearson(preds: np.ndarray, labels: np.ndarray,
         target_names: names used in warnings (default ``target <k>``).
     """
     p, y = _check_pair(preds, labels)
-    names = _names(p.shape[1], target_names)
+    names = constants.target_names(p.shape[1], target_names)
     r, undefined = _weighted_pearson(np.ones((1, p.shape[0])), p[None], y)
     for k in np.flatnonzero(undefined[0, 0]):
         warnings.warn(f"Pearson r of {names[k]!r} is undefined (a constant column over "
@@ -181,7 +174,7 @@ def bootstrap_mean_pearson(rows: Mapping[str, Sequence[np.ndarray]], labels: np.
     """
     y = _as_matrix(labels, "labels")
     n, k = y.shape
-    names = _names(k, target_names)
+    names = constants.target_names(k, target_names)
     idx = np.asarray(indices)
     if idx.ndim != 2 or idx.shape[1] != n or idx.min() < 0 or idx.max() >= n:
         raise ValueError(f"indices must be [B, {n}] clip indices in [0, {n}), got {idx.shape}")

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from emimimic.constants import ID_COLUMN, MODALITIES
-from emimimic.data.pack import pack
-from emimimic.data.store import FeatureStore, StoreError, normalise_id
+from emimimic.data.pack import SplitCSV, pack, read_split_csv
+from emimimic.data.store import FeatureStore, StoreError
+from emimimic.data.store.format import write_labels_csv
 from emimimic.errors import UserError
 from emimimic.extract.asr import ASROptions
 from emimimic.extract.audio import AudioOptions
@@ -41,7 +42,6 @@ from emimimic.extract.work import (
     Clip,
     WorkFolder,
     file_sha256,
-    read_split_clips,
     read_transcripts,
     write_csv,
 )
@@ -223,18 +223,38 @@ def _missing(clips: list[Clip], work: WorkFolder, stage: str) -> dict[str, Failu
     return {c.id: f for c in clips if (f := work.failure(stage, c.id)) is not None}
 
 
-def _write_splits(opts: ExtractOptions, work: WorkFolder, excluded: set[str]) -> dict[str, Path]:
+def read_clips(splits: dict[str, Path]) -> tuple[list[Clip], dict[str, SplitCSV]]:
+    """Returns every split CSV's clips in file order, and the CSVs (validated in full).
+
+    Raises:
+        StoreError: a bad CSV, or a clip in two splits (naming both).
+    """
+    csvs = {split: read_split_csv(path, targets=None) for split, path in splits.items()}
+    clips: list[Clip] = []
+    owner: dict[str, str] = {}
+    for split, content in csvs.items():
+        for clip in content.ids:
+            if clip in owner:
+                raise StoreError(f"{splits[split]}: clip {clip} is also in split "
+                                 f"{owner[clip]!r} ({splits[owner[clip]]})")
+            owner[clip] = split
+            clips.append(Clip(clip, split))
+    return clips, csvs
+
+
+def _write_splits(opts: ExtractOptions, csvs: dict[str, SplitCSV], work: WorkFolder,
+                  excluded: set[str]) -> dict[str, Path]:
+    """Writes the split CSVs without the clips that have no data; returns their paths."""
     out = {}
-    for split, path in opts.splits.items():
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
-        kept = [r for n, r in enumerate(rows[1:], start=2)
-                if r and normalise_id(r[0], f"{path}, line {n}") not in excluded]
+    for split, content in csvs.items():
+        kept = [n for n, clip in enumerate(content.ids) if clip not in excluded]
         if not kept:
-            raise UserError(f"{path}: no clip of split {split!r} has data in any modality "
-                            f"(see {work.root / 'report.csv'})")
+            raise UserError(f"{opts.splits[split]}: no clip of split {split!r} has data in any "
+                            f"modality (see {work.root / 'report.csv'})")
         out[split] = work.root / "splits" / f"{split}.csv"
-        write_csv(out[split], rows[0], kept)
+        out[split].parent.mkdir(parents=True, exist_ok=True)
+        labels = None if content.labels is None else content.labels[kept]
+        write_labels_csv(out[split], content.targets, [content.ids[n] for n in kept], labels)
     return out
 
 
@@ -287,7 +307,7 @@ def extract(opts: ExtractOptions) -> Summary:
                    face_images=_absolute(opts.face_images),
                    text=replace(opts.text, transcripts=_absolute(opts.text.transcripts)))
     _check_inputs(opts)
-    clips = read_split_clips(opts.splits)
+    clips, csvs = read_clips(opts.splits)
     if not clips:
         raise UserError("the split CSVs list no clips")
     work = WorkFolder(opts.work)
@@ -306,10 +326,11 @@ def extract(opts: ExtractOptions) -> Summary:
         _text(clips, work, opts)
     if not _is_main_process():
         return Summary(len(clips), {}, {}, [], None, False)
-    return _finish(clips, work, opts)
+    return _finish(clips, csvs, work, opts)
 
 
-def _finish(clips: list[Clip], work: WorkFolder, opts: ExtractOptions) -> Summary:
+def _finish(clips: list[Clip], csvs: dict[str, SplitCSV], work: WorkFolder,
+            opts: ExtractOptions) -> Summary:
     split_of = {c.id: c.split for c in clips}
     done: dict[str, int] = {}
     missing: dict[str, dict[str, int]] = {}
@@ -344,7 +365,7 @@ def _finish(clips: list[Clip], work: WorkFolder, opts: ExtractOptions) -> Summar
         if not packable:
             raise UserError(f"{work.root}: no modality has complete results to pack into "
                             f"{opts.store}")
-        splits = _write_splits(opts, work, set(excluded))
+        splits = _write_splits(opts, csvs, work, set(excluded))
         record = {"created_by": "emimimic extract", "extract": {
             "work": str(work.root),
             "splits": {s: {"csv": str(p), "sha256": file_sha256(p)}

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from emimimic.constants import ID_COLUMN
-from emimimic.data.store import StoreError, normalise_id
+from emimimic.data.store import normalise_id
 from emimimic.errors import UserError
 from emimimic.extract.media import Failure
 from emimimic.files import write_atomic
@@ -45,34 +45,6 @@ class Clip:
 
     id: str
     split: str
-
-
-def read_split_clips(splits: Mapping[str, Path]) -> list[Clip]:
-    """Returns the clips of every split CSV, in file order (full validation is ``pack``'s).
-
-    Raises:
-        StoreError: a CSV is missing, has no ``Filename`` column first, or an id is repeated.
-    """
-    clips: list[Clip] = []
-    owner: dict[str, str] = {}
-    for split, path in splits.items():
-        if not Path(path).is_file():
-            raise StoreError(f"{path}: split CSV of split {split!r} not found")
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
-        if not rows or rows[0][:1] != [ID_COLUMN]:
-            raise StoreError(f"{path}: header {rows[0] if rows else None} must start with "
-                             f"{ID_COLUMN!r}")
-        for line, row in enumerate(rows[1:], start=2):
-            if not row:
-                continue
-            clip = normalise_id(row[0], f"{path}, line {line}")
-            if clip in owner:
-                raise StoreError(f"{path}, line {line}: clip {clip} is also in split "
-                                 f"{owner[clip]!r}")
-            owner[clip] = split
-            clips.append(Clip(clip, split))
-    return clips
 
 
 def file_sha256(path: Path) -> str:

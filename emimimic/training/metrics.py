@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from emimimic import constants
 from emimimic.training.correlation import constant, correlation_from_moments
 
 
@@ -38,14 +39,9 @@ class EMIPearson(Metric):
                  **kwargs: Any) -> None:
         if num_targets < 1:
             raise ValueError(f"num_targets must be >= 1, got {num_targets}")
-        if target_names is not None and len(target_names) != num_targets:
-            raise ValueError(
-                f"target_names has {len(target_names)} names, expected num_targets={num_targets}"
-            )
         super().__init__(**kwargs)
         self.num_targets = num_targets
-        self.target_names = (list(target_names) if target_names is not None
-                             else [f"target {k}" for k in range(num_targets)])
+        self.target_names = constants.target_names(num_targets, target_names)
         for name in ("n", "sx", "sy", "sxx", "syy", "sxy"):
             self.add_state(name, torch.zeros(num_targets, dtype=torch.float64),
                            dist_reduce_fx="sum")
