@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
-
 from emimimic.constants import EMOTIONS, MODALITIES, STEPS
+from emimimic.lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -20,7 +18,4 @@ _LAZY = {
 __all__ = ["EMOTIONS", "MODALITIES", "STEPS", "__version__", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'emimimic' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _LAZY)

@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from support.reference import REPO
+
+from emimimic.__main__ import main
 
 
 def test_top_level_import_is_light_and_exposes_the_main_classes():
@@ -52,3 +55,21 @@ def test_readme_starts_with_the_demo_job_and_the_tests_which_ci_runs():
     assert readme.index("```bash") < 400
     ci = (REPO / ".ci" / "run").read_text()
     assert "README.md" in ci and "block1.sh" in ci and "block2.sh" in ci
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["pack", "--dest", "x", "--workers", "0"], "emimimic pack: error: Parser key \"workers\""),
+    (["pack", "--dest", "x", "--splits.train"], "emimimic pack: error:"),
+    (["synth", "x", "--dims", "huge"], "emimimic synth: error: Parser key \"dims\""),
+    (["info", "no/such/store"],
+     "emimimic info: error: no/such/store: feature store does not exist"),
+    (["extract", "--work", "w"], "emimimic extract: error:"),
+    (["table", "a.yaml", "--seedz", "2"], "emimimic table: error: unrecognized arguments: --seedz"),
+    (["table", "--print_confg"], "emimimic table: error: unrecognized arguments"),
+])
+def test_every_command_refuses_bad_options_in_one_line(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected) and err.count("\n") == 1, err

@@ -7,8 +7,7 @@ use, so ``emimimic info`` (the store package) needs neither torch nor Lightning.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from emimimic.lazy import lazy_names
 
 _LAZY = {
     "BatchPlan": "emimimic.data.batches",
@@ -27,7 +26,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'emimimic.data' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _LAZY)

@@ -6,8 +6,7 @@ checkpoint reading) can be used without importing it.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from emimimic.lazy import lazy_names
 
 _LAZY = {
     "EMA": "emimimic.training.callbacks",
@@ -28,7 +27,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'emimimic.training' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _LAZY)

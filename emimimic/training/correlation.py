@@ -67,16 +67,20 @@ def weighted_moments(x: Tensor, y: Tensor, weight: Tensor | None = None
     return (mean_x, mean_y, (w * xc * xc).sum(0), (w * yc * yc).sum(0), (w * xc * yc).sum(0))
 
 
+def _columns(x: Tensor, y: Tensor, what: str) -> tuple[Tensor, Tensor]:
+    """Returns ``x``, ``y`` as ``[N, K]`` columns (a ``[N]`` vector is one column)."""
+    if x.shape != y.shape:
+        raise ValueError(f"{what}: shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
+    return (x[:, None], y[:, None]) if x.ndim == 1 else (x, y)
+
+
 def pearson(x: Tensor, y: Tensor, weight: Tensor | None = None) -> Tensor:
     """Returns Pearson's r per column of ``x``, ``y`` ``[N, K]`` (0 for a constant column).
 
     Differentiable; ``weight`` ``[N]`` weighs the rows (integer weights equal repeated rows).
     Fewer than two rows have no correlation: r = 0, connected to ``x`` (a zero gradient).
     """
-    if x.shape != y.shape:
-        raise ValueError(f"pearson: shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
-    if x.ndim == 1:
-        x, y = x[:, None], y[:, None]
+    x, y = _columns(x, y, "pearson")
     if x.shape[0] < 2:
         return x.float().sum(0) * 0.0
     return correlation_from_moments(*weighted_moments(x, y, weight))[0]
@@ -89,10 +93,7 @@ def ccc(x: Tensor, y: Tensor, weight: Tensor | None = None) -> Tensor:
     in mean or spread. Two constant columns have no concordance: 0 (and no gradient).
     Differentiable; ``weight`` as in :func:`pearson`.
     """
-    if x.shape != y.shape:
-        raise ValueError(f"ccc: shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
-    if x.ndim == 1:
-        x, y = x[:, None], y[:, None]
+    x, y = _columns(x, y, "ccc")
     if x.shape[0] < 2:
         return x.float().sum(0) * 0.0
     mean_x, mean_y, var_x, var_y, cov = weighted_moments(x, y, weight)
