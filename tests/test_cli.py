@@ -441,3 +441,21 @@ def test_a_network_of_ones_own_trains_and_predicts_from_its_checkpoint_alone(sto
     with torch.no_grad():
         expected = model(data.prepare_batch(plan)).pred.numpy()
     np.testing.assert_allclose(written.loc[plan.ids].to_numpy(), expected, atol=1e-6)
+
+
+def test_standard_callbacks_are_yaml_sections_that_can_change_or_go(store, tmp_path):
+    config = tmp_path / "callbacks.yaml"
+    config.write_text("ema:\n  decay: 0.99\nlr_monitor: null\ndashboard: null\n")
+    cli = cli_main(["-c", QUICKSTART, "-c", str(config), "--data.store", store,
+                    "--trainer.default_root_dir", str(tmp_path), "--early_stopping.patience", "3"],
+                   run=False)
+    names = [type(c).__name__ for c in cli.trainer.callbacks]
+    assert "LearningRateMonitor" not in names and "WandbDashboard" not in names
+    assert {"TargetPearson", "EpochSeed", "EMA", "EarlyStopping", "SubmissionWriter",
+            "ModelCheckpoint", "LastCheckpoint"} <= set(names)
+    ema = next(c for c in cli.trainer.callbacks if type(c).__name__ == "EMA")
+    stop = next(c for c in cli.trainer.callbacks if type(c).__name__ == "EarlyStopping")
+    assert ema.decay == 0.99 and ema.warmup  # the file's decay over the quickstart's warm-up
+    assert stop.patience == 3 and stop.monitor == "val/pearson"
+    folders = {c.dirpath for c in cli.trainer.callbacks if type(c).__name__.endswith("Checkpoint")}
+    assert folders == {os.path.realpath(tmp_path / "checkpoints")}
