@@ -41,6 +41,10 @@ COMMANDS: dict[str, Command] = {
                                 "convert ChatGLM3-6B weights to transformers' GLM classes"),
     "table": Command("emimimic.experiments.table:main",
                      "train configs x seeds; write the comparison table with bootstrap CIs"),
+    "ensemble": Command("emimimic.experiments.ensemble:main",
+                        "ensemble checkpoints: mean or fitted weights; submission and its gain"),
+    "tune": Command("emimimic.experiments.tune:main",
+                    "search a config's settings with Optuna, pruning weak trials (extra: tune)"),
 }
 
 

@@ -95,6 +95,15 @@ class EMICLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config.trainer.default_root_dir or os.getcwd()
+        if config.data.refit and self.subcommand == "fit":
+            # no validation clips: nothing to select a best epoch or to stop early on; the
+            # model is last.ckpt after the fixed number of epochs
+            config.early_stopping = config.checkpoint = None
+            config.trainer.limit_val_batches = 0
+            config.trainer.num_sanity_val_steps = 0
+            rank_zero_info(f"refit on {config.data.train_split}+{config.data.val_split} for "
+                           f"{config.trainer.max_epochs} epochs, no validation; the model is "
+                           "last.ckpt")
         config.trainer.logger = _with_csv_logger(config.trainer.logger, root, self.subcommand)
         _name_wandb_runs(config)
         if (self.subcommand not in (None, "fit") and config.get("ckpt_path") is None

@@ -19,12 +19,14 @@ from __future__ import annotations
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader, Sampler
 
 from emimimic.data.batches import BatchPlan, FeatureBatch
 from emimimic.data.dataset import FeatureDataset, ResidentSplit
+from emimimic.data.folds import UnionView, fold_of
 from emimimic.data.samplers import EpochShuffle, EvalShardSampler, run_seed
 from emimimic.data.store import FeatureStore, StoreError
 
@@ -60,14 +62,32 @@ class EMIDataModule(L.LightningDataModule):
         pin_memory: read batches into page-locked memory (faster, asynchronous host-to-GPU
             copies; ignored without a GPU).
         sample_weights: give the training loss the store's per-clip sample weights, where the
-            training split has them (``emimimic pack --weight-column``); false ignores them.
+            training split has them (``emimimic pack --weight_column``); false ignores them.
+        folds: cross-validation over the union of ``train_split`` and ``val_split``: cut it into
+            this many folds (0: off, the splits as they are); every labelled clip is in exactly
+            one validation fold.
+        fold: the fold validated on (0 .. folds - 1); the others are trained on.
+        fold_seed: seed of the cut into folds (the same seed, the same folds for every run).
+        refit: train on the union of ``train_split`` and ``val_split``, with no validation: the
+            final model of a winning entry, trained for a fixed number of epochs (the folds' or
+            the tuned trial's best; see ``emimimic tune``). Its model is ``last.ckpt``.
+
+    ``predict_split`` (and ``test_split``) may be ``held_out``: the clips the run validates on
+    (``val_split``, or its fold), whose predictions are the run's out-of-fold predictions. With
+    folds or a refit, ``val_split`` is part of the training clips: score such a run on
+    ``held_out`` or on a split it never saw.
     """
+
+    #: The name ``predict_split`` gives to the clips a run validates on.
+    HELD_OUT = "held_out"
 
     def __init__(self, store: str, batch_size: PositiveInt = 32, num_workers: NonNegativeInt = 0,
                  modalities: list[str] | None = None, train_split: str = "train",
                  val_split: str = "valid", test_split: str = "valid",
                  predict_split: str = "test", preload: Preload = "none",
-                 pin_memory: bool = False, sample_weights: bool = True) -> None:
+                 pin_memory: bool = False, sample_weights: bool = True,
+                 folds: NonNegativeInt = 0, fold: NonNegativeInt = 0, fold_seed: int = 0,
+                 refit: bool = False) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
             raise StoreError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} "
@@ -83,8 +103,32 @@ class EMIDataModule(L.LightningDataModule):
             raise StoreError(f"{store}: modalities {unknown or modalities} not in the store "
                              f"(it has {list(self.store.dims)})")
         self.modalities = list(modalities)
-        self.split_names = {"fit": train_split, "validate": val_split, "test": test_split,
-                            "predict": predict_split}
+        #: the union of train and valid that folds and refits read, and its folds
+        self._union: dict[str, tuple[UnionView, np.ndarray | None]] = {}
+        fit, validate = train_split, val_split
+        if folds or refit:
+            if folds and refit:
+                raise StoreError("folds and refit exclude each other: cross-validate first, "
+                                 "then refit on all the clips")
+            union = f"{train_split}+{val_split}"
+            if refit:
+                fit, validate = union, None
+                self._union[union] = (self._union_view(union), None)
+            else:
+                if fold >= folds:
+                    raise StoreError(f"fold={fold}: expected 0 <= fold < folds={folds}")
+                view = self._union_view(union)
+                assignment = fold_of(len(view), folds, fold_seed)
+                tag = f"{union} fold {fold} of {folds} (seed {fold_seed})"
+                fit, validate = f"{tag}: train", f"{tag}: held out"
+                self._union[fit] = (view, np.flatnonzero(assignment != fold))
+                self._union[validate] = (view, np.flatnonzero(assignment == fold))
+        held_out = {self.HELD_OUT: validate}
+        self.split_names = {"fit": fit, "validate": validate,
+                            "test": held_out.get(test_split, test_split),
+                            "predict": held_out.get(predict_split, predict_split)}
+        if self.split_names["predict"] is None:
+            raise StoreError("a refit has no held-out clips to predict; predict another split")
         self.batch_size = batch_size
         self.num_workers = 0 if preload == "device" else num_workers
         self.preload = preload
@@ -105,24 +149,44 @@ class EMIDataModule(L.LightningDataModule):
     @property
     def predict_ids(self) -> list[str]:
         """Returns the clip ids of the predict split: what a submission needs."""
-        return list(self.store.split(self.split_names["predict"]).ids)
+        return list(self.dataset(self.split_names["predict"]).ids)
+
+    @property
+    def validates(self) -> bool:
+        """Returns whether fitting validates (False for a refit on train + valid)."""
+        return self.split_names["validate"] is not None
 
     def stage_splits(self, stage: str) -> list[str]:
         """Returns the splits a Trainer stage reads (``fit`` also validates)."""
         if stage == "fit":
-            return [self.split_names["fit"], self.split_names["validate"]]
+            return [s for s in (self.split_names["fit"], self.split_names["validate"]) if s]
+        if self.split_names[stage] is None:
+            raise StoreError(f"a refit (data.refit) has no validation clips for `{stage}`; "
+                             "choose a split with --data.val_split / --data.test_split")
         return [self.split_names[stage]]
+
+    def _union_view(self, name: str) -> UnionView:
+        train, valid = name.split("+")
+        views = [self.store.split(train), self.store.split(valid)]
+        for view in views:
+            if view.labels is None:
+                raise StoreError(f"{self.store.path}: split {view.name!r} has no labels; folds "
+                                 "and refits need labelled train and validation splits")
+        return UnionView(views, name)
 
     def dataset(self, split: str) -> FeatureDataset:
         """Returns the (cached) dataset of a split, preloading it into RAM when asked to."""
         if split not in self._datasets:
-            view = self.store.split(split)
+            view, subset = self._union.get(split, (None, None))
+            if view is None:
+                view = self.store.split(split)
             if self.preload == "ram":
                 view.preload(self.modalities)
             # weights matter to the training loss only; evaluation is unweighted
             weighted = self.sample_weights and split == self.split_names["fit"]
             self._datasets[split] = FeatureDataset(view, self.modalities,
-                                                   sample_weights=weighted)
+                                                   sample_weights=weighted, subset=subset,
+                                                   name=split)
         return self._datasets[split]
 
     def setup(self, stage: str) -> None:
@@ -168,6 +232,7 @@ class EMIDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """Returns the validation loader: in order, every clip exactly once across ranks."""
+        self.stage_splits("validate")  # a refit has none: say so
         return self._loader("validate")
 
     def test_dataloader(self) -> DataLoader:

@@ -65,29 +65,40 @@ class FeatureDataset(Dataset):
             which plan batches ahead of the main process's reads; in the main process the read
             follows at once, and on a warm cache the advice costs ~10% of the read for nothing.
         sample_weights: serve the split's sample weights (when it has them) with each batch.
+        subset: positions in ``view`` of the clips served, in order (a fold); None: all.
+        name: the dataset's name in its batch plans (default the view's).
     """
 
     def __init__(self, view: SplitView, modalities: Sequence[str],
-                 prefetch: bool | None = None, sample_weights: bool = True) -> None:
+                 prefetch: bool | None = None, sample_weights: bool = True,
+                 subset: Sequence[int] | np.ndarray | None = None,
+                 name: str | None = None) -> None:
         self.view = view
+        self.name = name or view.name
         self.modalities = list(modalities)
         self.prefetch = prefetch
         self.weights = view.weights if sample_weights else None
         self.stored = {m: view.stored_rows(m) for m in self.modalities}
+        self.subset = None if subset is None else np.asarray(subset, dtype=np.int64)
+        #: the ids of the clips served, in order
+        self.ids = (list(view.ids) if self.subset is None
+                    else [view.ids[i] for i in self.subset.tolist()])
 
     def __len__(self) -> int:
-        return len(self.view)
+        return len(self.ids)
 
     def __getitems__(self, indices: Sequence[int]) -> BatchPlan:
         """Returns the plan of a batch of clips ``indices``; reads no feature bytes."""
         idx = np.asarray(indices, dtype=np.int64)
+        if self.subset is not None:
+            idx = self.subset[idx]
         prefetch = self.prefetch
         if prefetch is None:
             prefetch = torch.utils.data.get_worker_info() is not None
         if prefetch:
             self.view.prefetch(self.modalities, idx)
         labels = self.view.labels
-        return BatchPlan(split=self.view.name, indices=idx,
+        return BatchPlan(split=self.name, indices=idx,
                          lengths={m: self.stored[m][idx] for m in self.modalities},
                          target=None if labels is None else labels[idx],
                          ids=[self.view.ids[i] for i in idx.tolist()],
@@ -98,9 +109,9 @@ class FeatureDataset(Dataset):
         return self.read(self.__getitems__([i]))
 
     def _check(self, plan: BatchPlan) -> None:
-        if plan.split != self.view.name:
-            raise StoreError(f"{self.view.folder}: a plan of split {plan.split!r} cannot be read "
-                             f"from split {self.view.name!r}")
+        if plan.split != self.name:
+            raise StoreError(f"{self.view.folder}: a plan of {plan.split!r} cannot be read "
+                             f"from {self.name!r}")
         unknown = [m for m in plan.lengths if m not in self.stored]
         if unknown:
             raise StoreError(f"{self.view.folder}: the plan holds modalities {unknown}, this "

@@ -233,6 +233,19 @@ def check_overrides(overrides: Sequence[str], reserved: Sequence[str] = RUN_OPTI
                             "run; use its own options instead (see --help)")
 
 
+def with_rows(argv: Sequence[str], command: str, key: str = "configs") -> list[str]:
+    """Returns ``argv`` with its leading arguments and its run overrides as options.
+
+    ``table A.yaml B.yaml --seeds 3 --data.store S`` becomes ``--seeds 3 --configs [A.yaml,
+    B.yaml] --overrides+ [--data.store, S]``, so ``--print_config`` writes them too.
+    """
+    rows, own, overrides = split_argv(argv, command=command)
+    extra = [f"--{key}", json.dumps(rows)] if rows else []
+    if overrides:
+        extra += ["--overrides+", json.dumps(overrides)]
+    return [*own, *extra]
+
+
 def expand_rows(rows: Sequence[str]) -> dict[str, list[Path]]:
     """Returns row name -> its config files, for rows ``CONFIG`` or ``CONFIG+OVERLAY[+...]``.
 
@@ -257,5 +270,5 @@ def expand_rows(rows: Sequence[str]) -> dict[str, list[Path]]:
 
 
 __all__ = ["FIT_DONE", "RUN_OPTIONS", "RunFolder", "check_overrides", "cli", "config_args",
-           "expand_rows",
+           "expand_rows", "with_rows",
            "resolve_settings", "run_logged", "split_argv"]

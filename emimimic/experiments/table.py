@@ -30,7 +30,6 @@ mean ± std over seeds, the paired-bootstrap interval of the difference to the r
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -53,7 +52,7 @@ from emimimic.experiments.runs import (
     check_overrides,
     expand_rows,
     resolve_settings,
-    split_argv,
+    with_rows,
 )
 from emimimic.experiments.summary import best_of, markdown, read_predictions, summarise
 
@@ -284,20 +283,8 @@ def main(argv: Sequence[str]) -> None:
     """Runs ``emimimic table`` on ``argv`` (the arguments after ``table``)."""
     from emimimic.commandline import parse_command
 
-    run_table(TableOptions(**parse_command(TableOptions, with_rows(argv), "emimimic table")))
-
-
-def with_rows(argv: Sequence[str]) -> list[str]:
-    """Returns ``argv`` with its leading config files and its run overrides as options.
-
-    ``table A.yaml B.yaml --seeds 3 --data.store S`` becomes ``--seeds 3 --configs [A.yaml,
-    B.yaml] --overrides+ [--data.store, S]``, so ``--print_config`` writes them too.
-    """
-    rows, own, overrides = split_argv(argv)
-    extra = ["--configs", json.dumps(rows)] if rows else []
-    if overrides:
-        extra += ["--overrides+", json.dumps(overrides)]
-    return [*own, *extra]
+    run_table(TableOptions(**parse_command(TableOptions, with_rows(argv, "table"),
+                                           "emimimic table")))
 
 
 __all__ = ["TableOptions", "main", "run_table"]

@@ -125,7 +125,9 @@ def best_checkpoint(dirpath: str) -> str:
     recorded = checkpoint_callback_state(load_checkpoint(last), "ModelCheckpoint")
     best = (recorded or {}).get("best_model_path")
     if not best:
-        raise UserError(f"{last} records no best checkpoint (was a metric monitored during fit?)")
+        raise UserError(f"{last} records no best checkpoint: a refit (data.refit) validates "
+                        "nothing, its model is --ckpt_path last; otherwise, was a metric "
+                        "monitored during fit?")
     if not os.path.isfile(best):
         # The run folder may have moved since fit: look beside last.ckpt.
         moved = os.path.join(dirpath, os.path.basename(best))
