@@ -246,6 +246,11 @@ def with_rows(argv: Sequence[str], command: str, key: str = "configs") -> list[s
     return [*own, *extra]
 
 
+def row_name(row: str) -> str:
+    """Returns a row's name: its files' stems joined by ``+``."""
+    return "+".join(Path(part).stem for part in str(row).split("+"))
+
+
 def expand_rows(rows: Sequence[str]) -> dict[str, list[Path]]:
     """Returns row name -> its config files, for rows ``CONFIG`` or ``CONFIG+OVERLAY[+...]``.
 
@@ -260,7 +265,7 @@ def expand_rows(rows: Sequence[str]) -> dict[str, list[Path]]:
         for file in files:
             if not file.is_file():
                 raise UserError(f"{file}: no such config file (row {row!r})")
-        name = "+".join(f.stem for f in files)
+        name = row_name(row)
         if name in out:
             raise UserError(f"{' + '.join(map(str, out[name]))} and {row} both name the row "
                             f"{name!r}; rename one (rows and run folders are named by the file "
@@ -270,5 +275,5 @@ def expand_rows(rows: Sequence[str]) -> dict[str, list[Path]]:
 
 
 __all__ = ["FIT_DONE", "RUN_OPTIONS", "RunFolder", "check_overrides", "cli", "config_args",
-           "expand_rows", "with_rows",
+           "expand_rows", "row_name", "with_rows",
            "resolve_settings", "run_logged", "split_argv"]

@@ -30,6 +30,7 @@ mean ± std over seeds, the paired-bootstrap interval of the difference to the r
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -52,6 +53,7 @@ from emimimic.experiments.runs import (
     check_overrides,
     expand_rows,
     resolve_settings,
+    row_name,
     with_rows,
 )
 from emimimic.experiments.summary import best_of, markdown, read_predictions, summarise
@@ -68,8 +70,9 @@ class TableOptions:
     each row's difference to a reference row.
 
     Attributes:
-        configs: the rows, also given as the first arguments: experiment YAML files, or a
-            config with overlays on top (CONFIG+OVERLAY, a row named after both).
+        configs: the rows, also given as the first arguments: experiment YAML files, a config
+            with overlays on top (CONFIG+OVERLAY, a row named after both), or the folder of an
+            `emimimic ensemble` scored on the table's split (a row of one prediction set).
         base: protocol config given before each row's files (configs/quickstart.yaml on the
             demo store).
         seeds: seeds per row.
@@ -84,6 +87,8 @@ class TableOptions:
         bootstrap_seed: seed of the resampling.
         overrides: options given to every run; any --dotted.option on the command line and
             everything after -- land here too.
+        seed_ensembles: add, below each config row, the row of its seeds' mean prediction (a
+            seed ensemble, scored once).
     """
 
     configs: list[str] = field(default_factory=list)
@@ -98,6 +103,7 @@ class TableOptions:
     confidence: float = 0.95
     bootstrap_seed: int = 0
     overrides: list[str] = field(default_factory=list)
+    seed_ensembles: bool = False
 
 
 @dataclass
@@ -118,8 +124,9 @@ class Progress:
     def finished(self, label: str, run: Run, seconds: float, trained: bool) -> None:
         with self.lock:
             self.done += 1
-            if trained:
-                self.seconds.append(seconds)
+            if not trained:
+                return  # its "skipped" line said it all
+            self.seconds.append(seconds)
             left = self.total - self.done
             eta = ""
             if left and self.seconds:
@@ -179,32 +186,68 @@ def protocol(settings: dict) -> str:
 
 
 def _score(runs: Sequence[Run], names: Sequence[str], ids: Sequence[str], labels: np.ndarray,
-           targets: Sequence[str], reference: str, opts: TableOptions
+           targets: Sequence[str], reference: str, opts: TableOptions,
+           fixed: dict[str, Path], seed_means: dict[str, str]
            ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Returns the per-run table and the per-row summary with the bootstrap intervals."""
+    """Returns the per-run table and the per-row summary with the bootstrap intervals.
+
+    ``fixed`` rows are prediction files (ensembles) scored as they are, one "run" each;
+    ``seed_means`` rows are the mean prediction of a config row's seeds.
+    """
     rows, preds = [], {name: [] for name in names}
-    for run in runs:
-        p = read_predictions(run.predictions(opts.split), ids, targets)
+
+    def add(row: str, p: np.ndarray, where: str, **extra: object) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             r = stats.pearson(p, labels, targets)
         for w in caught:
-            print(f"note: {run.folder.name}: {w.message}", flush=True)
-        epoch, fit_score = best_of(run.checkpoints)
-        if math.isfinite(fit_score) and abs(fit_score - r.mean()) > SCORE_TOLERANCE:
-            print(f"note: {run.folder.name}: mean Pearson of its predictions {r.mean():.4f} "
-                  f"differs from the val/pearson {fit_score:.4f} of its best checkpoint",
-                  flush=True)
-        preds[run.row].append(p)
-        rows.append({"config": run.row, "seed": run.seed, "run": str(run.folder),
-                     "best_epoch": epoch, "fit_val_pearson": fit_score,
-                     "wall_s": sum(run.timing().values()) or math.nan,
-                     "mean_pearson": float(r.mean()), **dict(zip(targets, r, strict=True))})
+            print(f"note: {where}: {w.message}", flush=True)
+        preds[row].append(p)
+        rows.append({"config": row, **extra, "mean_pearson": float(r.mean()),
+                     **dict(zip(targets, r, strict=True))})
+
+    for name in names:
+        if name in fixed:
+            add(name, read_predictions(fixed[name], ids, targets), name, seed=math.nan,
+                run=str(fixed[name].parent), best_epoch=math.nan, fit_val_pearson=math.nan,
+                wall_s=math.nan)
+            continue
+        if name in seed_means:  # its config row comes first, so its predictions are there
+            add(name, np.mean(preds[seed_means[name]], axis=0), name, seed=math.nan, run="",
+                best_epoch=math.nan, fit_val_pearson=math.nan, wall_s=math.nan)
+            continue
+        for run in (run for run in runs if run.row == name):
+            p = read_predictions(run.predictions(opts.split), ids, targets)
+            epoch, fit_score = best_of(run.checkpoints)
+            add(name, p, run.folder.name, seed=run.seed, run=str(run.folder), best_epoch=epoch,
+                fit_val_pearson=fit_score, wall_s=sum(run.timing().values()) or math.nan)
+            scored = rows[-1]["mean_pearson"]
+            if math.isfinite(fit_score) and abs(fit_score - scored) > SCORE_TOLERANCE:
+                print(f"note: {run.folder.name}: mean Pearson of its predictions {scored:.4f} "
+                      f"differs from the val/pearson {fit_score:.4f} of its best checkpoint",
+                      flush=True)
     table = pd.DataFrame(rows)
     intervals = stats.paired_bootstrap(preds, labels, reference, resamples=opts.resamples,
                                        confidence=opts.confidence, seed=opts.bootstrap_seed,
                                        target_names=targets)
     return table, summarise(table, targets, intervals)
+
+
+def _ensemble_row(folder: Path, split: str, store: Path | None) -> Path:
+    """Returns the predictions of ``split`` an ensemble folder holds, after checking them.
+
+    Raises:
+        UserError: not an ensemble of this store, or not scored on the table's split.
+    """
+    record = json.loads((folder / "ensemble.json").read_text())
+    if store is not None and Path(record["store"]).resolve() != store.resolve():
+        raise UserError(f"{folder}: an ensemble of store {record['store']}, the table scores "
+                        f"{store}")
+    file = folder / f"{split}_predictions.csv"
+    if not file.is_file():
+        raise UserError(f"{folder}: no predictions of split {split!r}; run `emimimic ensemble "
+                        f"... --score_split {split} --out {folder}`")
+    return file
 
 
 def run_table(opts: TableOptions) -> pd.DataFrame:
@@ -218,8 +261,20 @@ def run_table(opts: TableOptions) -> pd.DataFrame:
         raise UserError(f"--confidence must be in (0, 1), got {opts.confidence}")
     if not os.path.isfile(opts.base):
         raise UserError(f"{opts.base}: no such config file (--base)")
-    rows = expand_rows(opts.configs)
-    names = list(rows)
+    ensembles = {Path(r).name: Path(r) for r in opts.configs
+                 if (Path(r) / "ensemble.json").is_file()}
+    rows = expand_rows([r for r in opts.configs if Path(r).name not in ensembles
+                        or not Path(r).is_dir()])
+    if not rows:
+        raise UserError("emimimic table needs at least one config row (ensembles are scored "
+                        "beside config rows)")
+    names, seed_means = [], {}
+    for given in opts.configs:
+        name = Path(given).name if Path(given).name in ensembles else row_name(given)
+        names.append(name)
+        if opts.seed_ensembles and name in rows:
+            seed_means[f"{name} ({opts.seeds}-seed mean)"] = name
+            names.append(f"{name} ({opts.seeds}-seed mean)")
     reference = opts.reference or names[0]
     if reference not in names:
         raise UserError(f"--reference {reference!r} is not a row; rows are {names}")
@@ -227,19 +282,21 @@ def run_table(opts: TableOptions) -> pd.DataFrame:
     check_overrides(overrides)
     # each check is a CLI start-up (seconds of imports): run them side by side
     with ThreadPoolExecutor(max_workers=min(len(rows), os.cpu_count() or 1)) as pool:
-        settings = dict(zip(names, pool.map(
-            lambda n: resolve_settings([opts.base, *rows[n]], overrides, n), names), strict=True))
-    store, ids, labels, targets, synthetic = _store_and_labels(settings[names[0]], opts.split,
-                                                               names[0])
-    for name in names[1:]:
+        settings = dict(zip(rows, pool.map(
+            lambda n: resolve_settings([opts.base, *rows[n]], overrides, n), rows), strict=True))
+    first = next(iter(rows))
+    store, ids, labels, targets, synthetic = _store_and_labels(settings[first], opts.split,
+                                                               first)
+    fixed = {name: _ensemble_row(folder, opts.split, store) for name, folder in ensembles.items()}
+    for name in list(rows)[1:]:
         other = (settings[name].get("data") or {}).get("store")
         if other is None or Path(other) != store:
-            raise UserError(f"row {name} reads store {other}, row {names[0]} reads {store}: "
+            raise UserError(f"row {name} reads store {other}, row {first} reads {store}: "
                             "rows of one table must be scored on the same clips")
     seeds = list(range(opts.first_seed, opts.first_seed + opts.seeds))
     runs = [Run([Path(opts.base), *rows[name]], seed, opts.out / f"{name}-seed{seed}",
                 overrides, {"split": opts.split}, row=name)
-            for name in names for seed in seeds]
+            for name in rows for seed in seeds]
     progress = Progress(len(runs), opts.jobs)
     with ThreadPoolExecutor(max_workers=opts.jobs) as pool:
         list(pool.map(lambda item: execute(item[1], f"[{item[0]}/{len(runs)}]", opts.split,
@@ -247,7 +304,8 @@ def run_table(opts: TableOptions) -> pd.DataFrame:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        table, summary = _score(runs, names, ids, labels, targets, reference, opts)
+        table, summary = _score(runs, names, ids, labels, targets, reference, opts, fixed,
+                                seed_means)
     for message in dict.fromkeys(str(w.message) for w in caught):
         print(f"note: bootstrap: {message}", flush=True)
 
