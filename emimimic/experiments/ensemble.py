@@ -258,7 +258,11 @@ class Predictor:
         return out
 
     def predict(self, member: Member, split: str) -> pd.DataFrame:
-        """Returns the member's predictions of ``split`` (or ``held_out``), indexed by clip."""
+        """Returns the member's predictions of ``split`` (or ``held_out``), indexed by clip.
+
+        They are what its file in ``OUT/members`` holds (6 decimals), whether predicted now or
+        earlier, so a rerun of the ensemble gives the same numbers.
+        """
         file = self.cache / member.name / f"{split}.csv"
         if file.is_file():
             return pd.read_csv(file, dtype={ID_COLUMN: str}).set_index(ID_COLUMN)
@@ -285,7 +289,7 @@ class Predictor:
                              index=pd.Index(result.ids, name=ID_COLUMN))
         file.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(file, frame.to_csv(float_format="%.6f"))
-        return frame
+        return self.predict(member, split)
 
 
 # -- the command ------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ DRAWS = {"float": ("low", "high"), "log_float": ("low", "high"), "int": ("low", 
 #: Seconds after which another machine's running trial without a heartbeat counts as dead.
 STALE_AFTER = 600.0
 #: Seconds between looks at a running trial's reports.
-POLL = 0.5
+POLL = 0.2
 
 
 @dataclass
