@@ -20,7 +20,7 @@ from emimimic.errors import UserError
 from emimimic.experiments.runs import split_argv
 from emimimic.experiments.table import main
 
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1)
 ROWS = ("concat", "average")
 
 
@@ -62,7 +62,7 @@ def _status(output: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_table_two_rows_three_seeds(tmp_path, capsys, monkeypatch):
+def test_table_two_rows_two_seeds(tmp_path, capsys, monkeypatch):
     # the runs are tiny: one thread each, or intra-op threads spin against each other (and any
     # other job on a small shared machine), ~20x slower here
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -74,7 +74,7 @@ def test_table_two_rows_three_seeds(tmp_path, capsys, monkeypatch):
     configs, rows = [str(concat), f"{concat}+{average}"], ("concat", "concat+average")
     fusion = {"concat": "concat", "concat+average": "average"}
     out = tmp_path / "table"
-    argv = [*configs, "--base", str(QUICKSTART), "--seeds", "3", "--out", str(out),
+    argv = [*configs, "--base", str(QUICKSTART), "--seeds", "2", "--out", str(out),
             "--resamples", "500", "--jobs", "2", "--data.store", str(store),
             "--trainer.max_epochs", "2",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary", "false"]
@@ -83,10 +83,10 @@ def test_table_two_rows_three_seeds(tmp_path, capsys, monkeypatch):
     runs = [f"{name}-seed{s}" for name in rows for s in SEEDS]
     assert _status(printed) == dict.fromkeys(runs, "started")
     # a line per finished run: its time, score and best epoch, and what is left
-    done = re.findall(r"^\[\d+/6\] (\S+): done in \d+ s, best val/pearson (-?\d\.\d{4}) at "
+    done = re.findall(r"^\[\d+/4\] (\S+): done in \d+ s, best val/pearson (-?\d\.\d{4}) at "
                       r"epoch (\d)(; .* left for (\d) run\(s\))?$", printed, flags=re.M)
     assert sorted(d[0] for d in done) == sorted(runs)
-    assert [int(d[4]) for d in done if d[4]] == [5, 4, 3, 2, 1]
+    assert [int(d[4]) for d in done if d[4]] == [3, 2, 1]
 
     # runs.csv: one row per run, every number recomputed here from the predictions and the store
     table = pd.read_csv(out / "runs.csv")
@@ -112,7 +112,7 @@ def test_table_two_rows_three_seeds(tmp_path, capsys, monkeypatch):
         assert row.mean_pearson == pytest.approx(row.fit_val_pearson, abs=1e-3)
         assert row.best_epoch in (0, 1)
     for name in rows:
-        assert table.loc[table.config == name, "mean_pearson"].nunique() == 3  # seeds differ
+        assert table.loc[table.config == name, "mean_pearson"].nunique() == 2  # seeds differ
 
     # table.md: the paper's layout, mean ± std over seeds, the reference and the intervals
     md = (out / "table.md").read_text()
@@ -123,7 +123,7 @@ def test_table_two_rows_three_seeds(tmp_path, capsys, monkeypatch):
     for line, name in zip(lines[2:], rows, strict=True):
         cells = [c.strip() for c in line.strip("|").split("|")]
         scores = table.loc[table.config == name, "mean_pearson"]
-        assert cells[1] == "3"
+        assert cells[1] == "2"
         assert cells[2] == f"{scores.mean():.4f} ± {scores.std(ddof=1):.4f}"
         joy = table.loc[table.config == name, "Joy"]
         assert cells[-1] == f"{joy.mean():.4f} ± {joy.std(ddof=1):.4f}"
@@ -144,7 +144,7 @@ def test_table_two_rows_three_seeds(tmp_path, capsys, monkeypatch):
     before, csv_before = _ckpt_mtimes(out), (out / "runs.csv").read_text()
     main(argv)
     assert _status(capsys.readouterr().out) == dict.fromkeys(runs, "skipped")
-    assert _ckpt_mtimes(out) == before and len(before) >= 12
+    assert _ckpt_mtimes(out) == before and len(before) >= 8
     assert (out / "runs.csv").read_text() == csv_before  # seeded bootstrap, same table
 
     # the same table from a config file: --print_config writes the options, -c reads them; it

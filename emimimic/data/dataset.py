@@ -110,8 +110,8 @@ class FeatureDataset(Dataset):
 
     def _check(self, plan: BatchPlan) -> None:
         if plan.split != self.name:
-            raise StoreError(f"{self.view.folder}: a plan of {plan.split!r} cannot be read "
-                             f"from {self.name!r}")
+            raise StoreError(f"{self.view.folder}: a plan of split {plan.split!r} cannot be "
+                             f"read from split {self.name!r}")
         unknown = [m for m in plan.lengths if m not in self.stored]
         if unknown:
             raise StoreError(f"{self.view.folder}: the plan holds modalities {unknown}, this "

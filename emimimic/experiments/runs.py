@@ -9,6 +9,8 @@ skips what is done and resumes an interrupted fit from ``last.ckpt``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -43,20 +45,30 @@ def resolve_settings(configs: Sequence[str | Path], overrides: Sequence[str],
                      where: str) -> dict:
     """Returns the config the CLI resolves from ``configs`` and the overrides, as a dict.
 
-    Asking the CLI itself (``fit --print_config``) checks every option before any training
-    starts, and tells which store the runs read.
+    Asking the CLI itself (``fit --print_config``, in this process) checks every option before
+    any training starts, and tells which store the runs read.
 
     Raises:
-        UserError: the CLI refuses the combination (its last error line is quoted).
+        UserError: the CLI refuses the combination (its error is quoted).
     """
-    done = subprocess.run(cli("fit", *config_args(configs, overrides), "--print_config"),
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        last = lines[-1] if lines else f"exit status {done.returncode}"
+    import argparse
+
+    from emimimic.cli import cli_main
+
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+            cli_main(["fit", *config_args(configs, overrides), "--print_config"])
+    except SystemExit as done:
+        if done.code not in (0, None):
+            raise UserError(f"{where}: the CLI refuses it ({' + '.join(map(str, configs))}, "
+                            f"overrides {' '.join(overrides) or 'none'}): exit {done.code}"
+                            ) from None
+    except (UserError, argparse.ArgumentError) as err:
         raise UserError(f"{where}: the CLI refuses it ({' + '.join(map(str, configs))}, "
-                        f"overrides {' '.join(overrides) or 'none'}): {last}")
-    return yaml.safe_load(done.stdout) or {}
+                        f"overrides {' '.join(overrides) or 'none'}): "
+                        f"{' '.join(str(err).split())}") from None
+    return yaml.safe_load(printed.getvalue()) or {}
 
 
 def run_logged(cmd: list[str], log: Path, what: str, folder: Path) -> None:
@@ -117,27 +129,35 @@ class RunFolder:
                 "overrides": list(self.overrides), "configs_sha256": digest.hexdigest(),
                 **self.record}
 
+    def check(self) -> bool:
+        """Returns whether the folder already holds this run (False: it is new).
+
+        Raises:
+            UserError: the folder holds another tool's files or a run of other settings.
+        """
+        file = self.folder / "run.json"
+        if file.is_file():
+            old, wanted = json.loads(file.read_text()), self.identity()
+            if old != wanted:
+                changed = [k for k in wanted if old.get(k) != wanted[k]] or ["the record"]
+                raise UserError(f"{self.folder} was run with other settings "
+                                f"({', '.join(changed)} changed); remove it or choose another "
+                                "output folder")
+            return True
+        if self.folder.exists() and any(self.folder.iterdir()):
+            raise UserError(f"{self.folder} exists but was not made by emimimic (no run.json); "
+                            "move it away or choose another output folder")
+        return False
+
     def claim(self) -> None:
         """Creates the folder with ``run.json``, or checks an existing one has the same settings.
 
         Raises:
             UserError: the folder holds another tool's files or a run of other settings.
         """
-        file = self.folder / "run.json"
-        wanted = self.identity()
-        if file.is_file():
-            old = json.loads(file.read_text())
-            if old != wanted:
-                changed = [k for k in wanted if old.get(k) != wanted[k]] or ["the record"]
-                raise UserError(f"{self.folder} was run with other settings "
-                                f"({', '.join(changed)} changed); remove it or choose another "
-                                "output folder")
-            return
-        if self.folder.exists() and any(self.folder.iterdir()):
-            raise UserError(f"{self.folder} exists but was not made by emimimic (no run.json); "
-                            "move it away or choose another output folder")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(file, json.dumps(wanted, indent=1) + "\n")
+        if not self.check():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.folder / "run.json", json.dumps(self.identity(), indent=1) + "\n")
 
     def _resume_from(self) -> str | None:
         if not self.checkpoints.is_dir():

@@ -280,10 +280,8 @@ def run_table(opts: TableOptions) -> pd.DataFrame:
         raise UserError(f"--reference {reference!r} is not a row; rows are {names}")
     overrides = list(opts.overrides)
     check_overrides(overrides)
-    # each check is a CLI start-up (seconds of imports): run them side by side
-    with ThreadPoolExecutor(max_workers=min(len(rows), os.cpu_count() or 1)) as pool:
-        settings = dict(zip(rows, pool.map(
-            lambda n: resolve_settings([opts.base, *rows[n]], overrides, n), rows), strict=True))
+    settings = {n: resolve_settings([opts.base, *files], overrides, n)
+                for n, files in rows.items()}
     first = next(iter(rows))
     store, ids, labels, targets, synthetic = _store_and_labels(settings[first], opts.split,
                                                                first)
@@ -297,6 +295,8 @@ def run_table(opts: TableOptions) -> pd.DataFrame:
     runs = [Run([Path(opts.base), *rows[name]], seed, opts.out / f"{name}-seed{seed}",
                 overrides, {"split": opts.split}, row=name)
             for name in rows for seed in seeds]
+    for run in runs:  # every conflict before any training
+        run.check()
     progress = Progress(len(runs), opts.jobs)
     with ThreadPoolExecutor(max_workers=opts.jobs) as pool:
         list(pool.map(lambda item: execute(item[1], f"[{item[0]}/{len(runs)}]", opts.split,
