@@ -87,6 +87,12 @@ class EMICLI(LightningCLI):
         config = self.config[subcommand] if subcommand else None
         if config is None or config.get("ckpt_path") is None:
             return
+        if subcommand == "fit" and config.ckpt_path == "last" and _began_without_an_epoch(config):
+            print(f"--ckpt_path last: the fit that began in "
+                  f"{config.trainer.default_root_dir or os.getcwd()} ended before its first "
+                  "epoch did (no last.ckpt); starting it over", flush=True)
+            config.ckpt_path = None
+            return
         config.ckpt_path = resolve_checkpoint(config.ckpt_path, _checkpoint_dir(config))
         rank_zero_info(f"--ckpt_path: {config.ckpt_path}")
         self._checkpoint_hparams = checkpoint_hparams(config.ckpt_path)
@@ -192,6 +198,14 @@ def _checkpoint_dir(config: Any) -> str:
     dirpath = getattr(getattr(section, "init_args", None), "dirpath", None)
     root = config.trainer.default_root_dir or os.getcwd()
     return dirpath or os.path.join(root, "checkpoints")
+
+
+def _began_without_an_epoch(config: Any) -> bool:
+    """Returns whether a fit began in the run folder (its config was saved) but left no
+    checkpoint: it was stopped in its first epoch, and a resume can only start over."""
+    root = config.trainer.default_root_dir or os.getcwd()
+    began = os.path.isfile(os.path.join(root, "logs", "fit", "config.yaml"))
+    return began and not _has_checkpoints(_checkpoint_dir(config))
 
 
 def _has_checkpoints(dirpath: str) -> bool:

@@ -42,18 +42,25 @@ def reference(demo_store, tmp_path_factory) -> tuple[dict, pd.Series]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("hook", ["train_batch_end", "validation_end"])
-def test_killed_fit_resumes_to_the_uninterrupted_result(hook, demo_store, reference, tmp_path):
+@pytest.mark.parametrize(("hook", "epoch"), [("train_batch_end", 2), ("validation_end", 2),
+                                             ("train_batch_end", 0)])
+def test_killed_fit_resumes_to_the_uninterrupted_result(hook, epoch, demo_store, reference,
+                                                        tmp_path):
     root = tmp_path / "run"
     killer = ["--trainer.callbacks+=support.kill.KillAt",
-              f"--trainer.callbacks.hook={hook}", "--trainer.callbacks.epoch=2",
+              f"--trainer.callbacks.hook={hook}", f"--trainer.callbacks.epoch={epoch}",
               "--trainer.callbacks.batch=1"]
     killed = _fit(str(demo_store), root, *killer)
     assert killed.returncode == -9, killed.stderr[-3000:]
-    interrupted = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
-    assert interrupted["epoch"] == 1  # killed in epoch 2, before its checkpoint
+    if epoch:
+        interrupted = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+        assert interrupted["epoch"] == epoch - 1  # killed in epoch 2, before its checkpoint
+    else:  # killed in the first epoch: nothing to resume, the fit starts over and says so
+        assert not (root / "checkpoints" / "last.ckpt").exists()
     resumed = _fit(str(demo_store), root, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    starts_over = "ended before its first epoch did (no last.ckpt); starting it over"
+    assert (starts_over in resumed.stdout) == (epoch == 0)
     last, scores = _final(root)
     ref_last, ref_scores = reference
     assert last["epoch"] == ref_last["epoch"] == EPOCHS - 1
@@ -66,3 +73,17 @@ def test_killed_fit_resumes_to_the_uninterrupted_result(hook, demo_store, refere
     log = pd.read_csv(root / "logs" / "fit" / "metrics.csv")
     steps = log.dropna(subset=["train/loss_step"])["step"].tolist()
     assert steps == sorted(set(steps))  # no training step logged twice
+
+
+def test_last_in_a_folder_where_no_fit_began_is_an_error(demo_store, tmp_path, capsys):
+    """A mistyped run folder must not silently train from scratch."""
+    from emimimic.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(REPO / "configs" / "quickstart.yaml"), "--data.store",
+              str(demo_store), "--trainer.default_root_dir", str(tmp_path / "typo"),
+              "--ckpt_path", "last"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("emimimic fit: error: --ckpt_path last:") and err.count("\n") == 1
+    assert "does not exist" in err and not (tmp_path / "typo").exists()
