@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     command = COMMANDS[name]
     module, function = command.target.split(":")
     try:
+        from emimimic.commandline import check_config_file, config_files
+
+        for file in config_files(rest):  # a YAML mistake names its file, before any import
+            check_config_file(file)
         target = getattr(import_module(module), function)
         target([name, *rest] if command.lightning else rest)
     except (UserError, argparse.ArgumentError) as err:

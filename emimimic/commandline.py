@@ -18,9 +18,12 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from emimimic.errors import UserError
 
 
 def command_parser(target: Callable[..., Any], prog: str, positional: bool = False,
@@ -45,6 +48,39 @@ def command_parser(target: Callable[..., Any], prog: str, positional: bool = Fal
     else:
         parser.add_function_arguments(target, as_positional=positional)
     return parser
+
+
+def check_config_file(path: str | Path) -> None:
+    """Checks that a config file exists and is valid YAML.
+
+    Raises:
+        UserError: naming the file, and the line and column of a syntax error.
+    """
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{file}: no such config file")
+    try:
+        yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{file}: not valid YAML ({problem}{where})") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{file}: not a text file ({err.reason}); expected YAML") from None
+
+
+def config_files(argv: Sequence[str]) -> list[str]:
+    """Returns the files ``-c``/``--config`` name in ``argv``."""
+    out = []
+    for n, arg in enumerate(argv):
+        if arg in ("-c", "--config") and n + 1 < len(argv):
+            out.append(argv[n + 1])
+        elif arg.startswith("--config="):
+            out.append(arg.split("=", 1)[1])
+    return out
 
 
 def _plain(value: Any) -> Any:
@@ -74,4 +110,5 @@ def run_command(target: Callable[..., Any], argv: Sequence[str], prog: str,
     return target(**parse_command(target, argv, prog, positional))
 
 
-__all__ = ["command_parser", "parse_command", "run_command"]
+__all__ = ["check_config_file", "command_parser", "config_files", "parse_command",
+           "run_command"]

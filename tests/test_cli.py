@@ -271,6 +271,11 @@ def test_submission_writer_refuses_duplicated_or_missing_clips(tmp_path):
     ]
 
 
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
 def _main_error(capsys, *argv: str) -> str:
     """Runs `emimimic ARGV` in this process; returns its stderr, asserting exit status 2."""
     with pytest.raises(SystemExit) as exit_info:
@@ -283,7 +288,9 @@ def _main_error(capsys, *argv: str) -> str:
     ("case", "expected"),
     [
         ("missing store", "nowhere: feature store does not exist"),
-        ("missing config", "File does not exist"),
+        ("missing config", "absent.yaml: no such config file"),
+        ("bad yaml", "bad.yaml: not valid YAML (expected ',' or ']', but got '<stream end>' at "
+                     "line 3, column 1)"),
         ("negative batch size", "data.batch_size"),
         ("unknown fusion", "fusion 'foo' is not a built-in fusion (average, concat, gated, "
                             "text_query) nor a class path"),
@@ -294,6 +301,8 @@ def test_user_errors_print_one_line_and_exit_2(case, expected, store, tmp_path, 
     argv = {
         "missing store": ["fit", "-c", QUICKSTART, "--data.store", str(tmp_path / "nowhere")],
         "missing config": ["fit", "-c", str(tmp_path / "absent.yaml")],
+        "bad yaml": ["fit", "-c",
+                     str(_write(tmp_path / "bad.yaml", "trainer:\n  devices: [1, 2\n"))],
         "negative batch size": ["fit", "-c", QUICKSTART, "--data.store", store,
                                 "--data.batch_size", "-1",
                                 "--trainer.default_root_dir", str(tmp_path / "run")],

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from emimimic.commandline import check_config_file
 from emimimic.errors import UserError
 from emimimic.files import write_atomic
 
@@ -285,6 +286,7 @@ def expand_rows(rows: Sequence[str]) -> dict[str, list[Path]]:
         for file in files:
             if not file.is_file():
                 raise UserError(f"{file}: no such config file (row {row!r})")
+            check_config_file(file)
         name = row_name(row)
         if name in out:
             raise UserError(f"{' + '.join(map(str, out[name]))} and {row} both name the row "

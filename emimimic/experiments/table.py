@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import threading
 import time
@@ -46,6 +45,7 @@ import numpy as np
 import pandas as pd
 from jsonargparse.typing import PositiveInt
 
+from emimimic.commandline import check_config_file
 from emimimic.errors import UserError
 from emimimic.experiments import stats
 from emimimic.experiments.runs import (
@@ -259,8 +259,7 @@ def run_table(opts: TableOptions) -> pd.DataFrame:
                         f"{opts.resamples}")
     if not 0.0 < opts.confidence < 1.0:
         raise UserError(f"--confidence must be in (0, 1), got {opts.confidence}")
-    if not os.path.isfile(opts.base):
-        raise UserError(f"{opts.base}: no such config file (--base)")
+    check_config_file(opts.base)
     ensembles = {Path(r).name: Path(r) for r in opts.configs
                  if (Path(r) / "ensemble.json").is_file()}
     rows = expand_rows([r for r in opts.configs if Path(r).name not in ensembles
