@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from emimimic.data.datamodule import EMIDataModule
 from emimimic.errors import UserError
+from emimimic.noise import quiet_dependencies
 from emimimic.training.callbacks import default_callbacks, standard_callbacks
 from emimimic.training.checkpoints import (
     adopt_checkpoint_model,
@@ -153,6 +154,12 @@ class EMICLI(LightningCLI):
                 step = int(row.pop("step"))
                 csv_logger.log_metrics(row, step)
 
+    def _one_table(self) -> None:
+        # the report callback prints the per-target table; Lightning's would repeat it
+        self.config_init[self.subcommand]["verbose"] = False
+
+    before_validate = before_test = _one_table
+
 
 def _with_csv_logger(logger: Any, root: str, subcommand: str) -> Any:
     """Returns the logger config with a CSV logger in ``{root}/logs/{subcommand}`` first."""
@@ -214,6 +221,7 @@ def _has_checkpoints(dirpath: str) -> bool:
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> EMICLI:
     """Runs (or, with ``run=False``, only builds) the EMI LightningCLI on ``args``."""
+    quiet_dependencies()
     try:
         with warnings.catch_warnings():
             # `emimimic` passes the console's own arguments on, which LightningCLI warns about
