@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from emimimic.data.datamodule import EMIDataModule
 from emimimic.errors import UserError
+from emimimic.hardware import auto_precision
 from emimimic.noise import quiet_dependencies
 from emimimic.training.callbacks import default_callbacks, standard_callbacks
 from emimimic.training.checkpoints import (
@@ -102,6 +103,10 @@ class EMICLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config.trainer.default_root_dir or os.getcwd()
+        if config.trainer.precision is None:
+            config.trainer.precision, why = auto_precision(str(config.trainer.accelerator))
+            rank_zero_info(f"precision {config.trainer.precision} (trainer.precision null: "
+                           f"{why})")
         if config.data.refit and self.subcommand == "fit":
             # no validation clips: nothing to select a best epoch or to stop early on; the
             # model is last.ckpt after the fixed number of epochs

@@ -19,6 +19,8 @@ WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     # jsonargparse deprecations triggered inside LightningCLI, not by emimimic's own calls
     r".*skip_none parameter was deprecated",
+    # the summary counts parameters right and only guesses their bytes in mixed precision
+    r"Precision .* is not supported by the model summary",
 )
 
 #: Log lines of Lightning that advertise other products on every run.

@@ -16,12 +16,14 @@ DDP the evaluation loaders give rank r the clips r, r + W, r + 2W, ... without t
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import lightning as L
 import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Sampler
 
 from emimimic.data.batches import BatchPlan, FeatureBatch
@@ -29,6 +31,7 @@ from emimimic.data.dataset import FeatureDataset, ResidentSplit
 from emimimic.data.folds import UnionView, fold_of
 from emimimic.data.samplers import EpochShuffle, EvalShardSampler, run_seed
 from emimimic.data.store import FeatureStore, StoreError
+from emimimic.hardware import auto_workers
 
 #: Where a split's rows are read from: the store's files, RAM, or the training device.
 Preload = Literal["none", "ram", "device"]
@@ -50,7 +53,9 @@ class EMIDataModule(L.LightningDataModule):
         store: path of the feature store.
         batch_size: clips per batch.
         num_workers: DataLoader worker processes; they plan batches and prefetch their bytes into
-            the page cache, the main process reads them.
+            the page cache, the main process reads them. Null: what fits the machine (up to 4,
+            leaving a core to the main process); more than the machine's cores are cut to its
+            count.
         modalities: modalities to serve; None serves all modalities in the store.
         train_split: split for fitting.
         val_split: split for validation (during fit and ``validate``).
@@ -81,7 +86,8 @@ class EMIDataModule(L.LightningDataModule):
     #: The name ``predict_split`` gives to the clips a run validates on.
     HELD_OUT = "held_out"
 
-    def __init__(self, store: str, batch_size: PositiveInt = 32, num_workers: NonNegativeInt = 0,
+    def __init__(self, store: str, batch_size: PositiveInt = 32,
+                 num_workers: NonNegativeInt | None = 0,
                  modalities: list[str] | None = None, train_split: str = "train",
                  val_split: str = "valid", test_split: str = "valid",
                  predict_split: str = "test", preload: Preload = "none",
@@ -89,6 +95,12 @@ class EMIDataModule(L.LightningDataModule):
                  folds: NonNegativeInt = 0, fold: NonNegativeInt = 0, fold_seed: int = 0,
                  refit: bool = False) -> None:
         super().__init__()
+        if num_workers is None:
+            num_workers = auto_workers()
+        elif num_workers > (os.cpu_count() or 1):
+            rank_zero_info(f"num_workers {num_workers} cut to this machine's "
+                           f"{os.cpu_count()} cores")
+            num_workers = os.cpu_count() or 1
         if batch_size < 1 or num_workers < 0:
             raise StoreError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} "
                              f"and {num_workers}")
