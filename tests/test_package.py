@@ -73,3 +73,17 @@ def test_every_command_refuses_bad_options_in_one_line(argv, expected, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(expected) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["info", "STORE"],
+                                  ["synth", "--help"], ["pack", "--help"], ["table", "--help"],
+                                  ["tune", "--help"], ["ensemble", "--help"]],
+                         ids=lambda a: " ".join(a))
+def test_commands_that_train_nothing_import_neither_lightning_nor_torch(argv, demo_store):
+    argv = [str(demo_store) if a == "STORE" else a for a in argv]
+    code = ("import sys\nfrom emimimic.__main__ import main\ntry:\n    main(" + repr(argv)
+            + ")\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

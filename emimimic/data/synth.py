@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from emimimic.constants import EMOTIONS
-from emimimic.data.store import FORMAT_VERSION, SplitSpec, StoreError, StoreWriter
+from emimimic.data.store import FORMAT_VERSION, StoreError
 
 #: Small dims for a fast demo, and the paper's (ViT, WavLM-Large, ChatGLM3-6B).
 DEMO_DIMS: dict[str, int] = {"visual": 32, "audio": 48, "text": 64}
@@ -135,6 +135,8 @@ def synth(dest: Path, *, seed: int = 0, counts: dict[str, int] | None = None,
         labelled_test: give the test split labels too, drawn like valid's, so that a protocol
             can be scored on clips no model or search has seen (a benchmark's held-out split).
     """
+    from emimimic.data.store.writer import SplitSpec, StoreWriter  # torch: only to write
+
     if isinstance(dims, str):
         if dims not in ("demo", "paper"):
             raise StoreError(f"dims {dims!r}: expected 'demo', 'paper' or modality -> D")

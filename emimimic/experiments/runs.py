@@ -27,6 +27,9 @@ from emimimic.files import write_atomic
 
 #: Marker written once a run's fit has returned successfully.
 FIT_DONE = "fit.done"
+#: Files of a search trial's folder: its epochs' scores, and the request to stop
+#: (:mod:`emimimic.experiments.trial`).
+EPOCHS, STOP = "epochs.jsonl", "STOP"
 #: Options a run's folder fixes itself; a caller's overrides must not set them.
 RUN_OPTIONS = ("--seed_everything", "--trainer.default_root_dir", "--ckpt_path",
                "--data.predict_split", "--submission.path", "--print_config")

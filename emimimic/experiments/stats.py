@@ -24,10 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from emimimic import constants
-from emimimic.training.correlation import correlation_from_moments
 
 #: Resamples turned into count matrices at once; bounds memory to ~CHUNK × N × 8 bytes.
 CHUNK = 256
@@ -103,6 +101,10 @@ def _weighted_pearson(counts: np.ndarray, preds: np.ndarray, labels: np.ndarray
     syy = moments[:, None, 3 * mk + k:]
     mean_x = sx + p_mean.reshape(1, m, k)
     mean_y = sy + y_mean.reshape(1, 1, k)
+    import torch
+
+    from emimimic.training.correlation import correlation_from_moments
+
     # sums around the whole-split means: their second moments bound the rounding noise of
     # sxx - sx², which a column that is exactly constant on a resample leaves
     shape = mean_x.shape

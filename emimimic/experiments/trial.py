@@ -15,8 +15,7 @@ from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-#: Files of a trial folder: the scores written so far, and the request to stop.
-EPOCHS, STOP = "epochs.jsonl", "STOP"
+from emimimic.experiments.runs import EPOCHS, STOP
 
 
 class TrialReporter(Callback):

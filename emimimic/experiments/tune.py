@@ -56,13 +56,14 @@ from jsonargparse.typing import PositiveInt
 
 from emimimic.errors import ConfigError, UserError
 from emimimic.experiments.runs import (
+    EPOCHS,
+    STOP,
     RunFolder,
     check_overrides,
     cli,
     resolve_settings,
     with_rows,
 )
-from emimimic.experiments.trial import EPOCHS, STOP
 from emimimic.files import write_atomic
 
 #: Prefixes of the options a search space may draw.
