@@ -5,7 +5,7 @@ from __future__ import annotations
 from emimimic.constants import EMOTIONS, MODALITIES, STEPS
 from emimimic.lazy import lazy_names
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 #: Public classes, imported on first use so ``import emimimic`` stays light.
 _LAZY = {

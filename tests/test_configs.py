@@ -145,3 +145,11 @@ def test_lr_multipliers_give_each_part_its_learning_rate(demo_store):
     with pytest.raises(ConfigError, match="name no part of the network"):
         _build([REPO / "configs" / "quickstart.yaml"], demo_store,
                "--model.lr_multipliers", "{branches.face: 0.1}")
+
+
+def test_debug_config_runs_one_batch_and_saves_nothing(demo_store, tmp_path):
+    cli = cli_main(["fit", "-c", str(REPO / "configs" / "quickstart.yaml"), "-c",
+                    str(REPO / "configs" / "debug.yaml"), "--data.store", str(demo_store),
+                    "--trainer.default_root_dir", str(tmp_path)])
+    assert cli.trainer.global_step == 1 and cli.trainer.fast_dev_run
+    assert not (tmp_path / "checkpoints").exists()
