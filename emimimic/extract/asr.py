@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from jsonargparse.typing import PositiveInt
 
+from emimimic.errors import UserError
 from emimimic.extract.engine import (
     ClipBatch,
     Stage,
@@ -33,8 +34,10 @@ class ASROptions:
     Attributes:
         model: Hugging Face speech-to-text model (e.g. openai/whisper-large-v3).
         revision: model revision (branch, tag or commit).
-        language: language code passed to generate (Whisper: en); checked against the model.
-        max_tokens: most tokens generated per piece (Whisper: per 30 s).
+        language: language code (or name) passed to generate (Whisper: en); checked against the
+            model (an English-only model takes none).
+        max_tokens: most tokens generated per piece (Whisper: per 30 s); checked against the
+            model.
     """
 
     model: str | None = None
@@ -112,12 +115,111 @@ class Transcriber(L.LightningModule):
         return out
 
 
+def _whisper_languages() -> dict[str, str]:
+    """Returns Whisper's language names -> codes (``english`` -> ``en``), as generate reads them."""
+    try:
+        from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+    except ImportError:  # pragma: no cover - moved in another transformers version
+        return {}
+    return dict(TO_LANGUAGE_CODE)
+
+
+def language_token(language: str, lang_to_id: dict[str, int]) -> str | None:
+    """Returns the token Whisper's ``generate`` uses for ``language`` (a code, a name or the token
+    itself, any case), or None when it knows no such language. ``generate`` refuses a token that
+    is not in the model's ``lang_to_id``."""
+    lowered = language.lower()
+    names = _whisper_languages()
+    if lowered in lang_to_id:
+        return lowered
+    if lowered in names:
+        return f"<|{names[lowered]}|>"
+    if lowered in names.values():
+        return f"<|{lowered}|>"
+    return None
+
+
+def prompt_length(model: Any, language: str | None) -> int:
+    """Returns how many tokens ``generate`` puts before the first one it writes.
+
+    Whisper's prompt (as transformers' ``WhisperGenerationMixin._retrieve_init_tokens`` builds
+    it): the start token, the language (given, or detected by a multilingual model), the task
+    (given with the language; else from an old config's ``forced_decoder_ids``) and
+    ``<|notimestamps|>``. Other models start from ``decoder_start_token_id`` alone.
+    """
+    config, generation = model.config, model.generation_config
+    if getattr(config, "model_type", None) != "whisper":
+        return 1
+    tokens: list[Any] = [generation.decoder_start_token_id]
+    if language is None:
+        forced = (getattr(generation, "forced_decoder_ids", None)
+                  or getattr(config, "forced_decoder_ids", None) or [])
+        for position, token in forced:
+            if position != len(tokens):
+                break
+            tokens.append(token)
+    if language is not None or (hasattr(generation, "lang_to_id")
+                                and (len(tokens) <= 1 or tokens[1] is None)):
+        tokens[1:2] = ["language"]
+    if language is not None:
+        tokens.append("transcribe")
+    stop = getattr(generation, "no_timestamps_token_id", None)
+    if (stop is not None and not getattr(generation, "return_timestamps", False)
+            and tokens[-1] != stop):
+        tokens.append(stop)
+    return sum(t is not None for t in tokens)
+
+
+def check_asr_options(opts: ASROptions, model: Any) -> None:
+    """Checks ``--asr.language`` and ``--asr.max_tokens`` against the loaded model.
+
+    The language needs a multilingual model (``generation_config.is_multilingual`` not False)
+    whose ``lang_to_id`` has it and whose ``task_to_id`` has ``transcribe``; the prompt and the
+    tokens written fit the decoder's ``max_target_positions``.
+
+    Raises:
+        UserError: naming the option, the model and the values it takes.
+    """
+    name = opts.model or ""
+    generation = model.generation_config
+    if opts.language is not None:
+        option = f"--asr.language {opts.language!r}"
+        lang_to_id = getattr(generation, "lang_to_id", None) or {}
+        if getattr(generation, "is_multilingual", None) is False:
+            raise UserError(f"{option}: model {name} is English-only and takes no language; "
+                            "drop the option")
+        if not lang_to_id:
+            raise UserError(f"{option}: model {name} takes no language (its generation config "
+                            "has no lang_to_id); drop the option")
+        if "transcribe" not in (getattr(generation, "task_to_id", None) or {}):
+            raise UserError(f"{option}: model {name} cannot be told a language (its generation "
+                            "config's task_to_id has no 'transcribe'); drop the option")
+        if language_token(opts.language, lang_to_id) not in lang_to_id:
+            codes = [t.removeprefix("<|").removesuffix("|>") for t in lang_to_id]
+            names = {code: n for n, code in reversed(_whisper_languages().items())}
+            example = f" or a name such as {names[codes[0]]}" if codes[0] in names else ""
+            raise UserError(f"{option}: model {name} does not know this language; it takes "
+                            f"{len(codes)} language{'s' if len(codes) > 1 else ''}: "
+                            f"{', '.join(codes[:10])}{' ...' if len(codes) > 10 else ''} "
+                            f"(a code{example})")
+    limit = getattr(model.config, "max_target_positions", None)
+    if isinstance(limit, int):
+        prompt = prompt_length(model, opts.language)
+        most = limit - prompt
+        if opts.max_tokens > most:
+            raise UserError(f"--asr.max_tokens {opts.max_tokens}: model {name} writes at most "
+                            f"{most} tokens per piece (max_target_positions {limit} less its "
+                            f"{prompt}-token prompt); use at most {most}")
+
+
 def asr_stage(opts: ASROptions, audio_dir: Path | None, raw_dir: Path | None) -> Stage:
-    """Returns the speech recognition stage: loads the model and its processor."""
+    """Returns the speech recognition stage: loads the model and its processor, and checks the
+    options against the model."""
     from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor
 
     name = opts.model or ""
     model = load_pretrained(AutoModelForSpeechSeq2Seq, name, opts.revision, "--asr.model")
+    check_asr_options(opts, model)
     processor = load_pretrained(AutoProcessor, name, opts.revision, "--asr.model")
     extractor = getattr(processor, "feature_extractor", processor)
     rate = int(getattr(extractor, "sampling_rate", 16000))

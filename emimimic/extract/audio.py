@@ -25,6 +25,7 @@ from emimimic.extract.engine import (
     ClipBatch,
     LayerEncoder,
     Stage,
+    check_layer,
     load_pretrained,
     parse_layer,
     provenance_of,
@@ -43,7 +44,8 @@ class AudioOptions:
     Attributes:
         model: Hugging Face speech encoder name or local path (needed to extract audio features).
         revision: model revision (branch, tag or commit).
-        layer: last (last_hidden_state) or an index into hidden_states.
+        layer: last (last_hidden_state) or an index into hidden_states; checked against the
+            model.
         chunk_seconds: longer clips are encoded in windows of this many seconds.
         context_seconds: audio on each side of a window that its frames can attend to.
         windows_per_step: audio windows per forward pass (bounds device memory, not the
@@ -225,11 +227,14 @@ class SpeechEncoder(LayerEncoder):
 
 
 def audio_stage(opts: AudioOptions, audio_dir: Path | None, raw_dir: Path | None) -> Stage:
-    """Returns the audio stage: loads the speech encoder and its feature extractor."""
+    """Returns the audio stage: loads the speech encoder and its feature extractor, and checks
+    ``--audio.layer`` against the model."""
     from transformers import AutoFeatureExtractor, AutoModel
 
     name = opts.model or ""
+    layer = parse_layer(opts.layer, "--audio.layer")
     model = load_pretrained(AutoModel, name, opts.revision, "--audio.model")
+    check_layer("--audio.layer", layer, model.config, name)
     extractor = load_pretrained(AutoFeatureExtractor, name, opts.revision, "--audio.model")
     rate = int(getattr(extractor, "sampling_rate", 16000))
     front = front_end_of(model.config)
@@ -244,6 +249,6 @@ def audio_stage(opts: AudioOptions, audio_dir: Path | None, raw_dir: Path | None
         provenance.update(chunk_seconds=None, context_seconds=None)
     preparer = WavePreparer(extractor, audio_dir, raw_dir, rate, front, opts.chunk_seconds,
                             opts.context_seconds)
-    module = SpeechEncoder(model, name, parse_layer(opts.layer), opts.windows_per_step,
+    module = SpeechEncoder(model, name, layer, opts.windows_per_step,
                            front if padding else None)
     return Stage("audio", module, preparer, provenance)

@@ -252,19 +252,54 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def parse_layer(text: str) -> int | None:
+def parse_layer(text: str, option: str = "layer") -> int | None:
     """Returns the layer option as an index into ``hidden_states``, or None for ``last``.
 
     Raises:
-        UserError: neither ``last`` nor an integer.
+        UserError: neither ``last`` nor an integer (naming ``option``, e.g. ``--text.layer``).
     """
     if text == "last":
         return None
     try:
         return int(text)
     except ValueError:
-        raise UserError(f"layer {text!r}: expected 'last' or an integer index into the "
+        raise UserError(f"{option} {text!r}: expected 'last' or an integer index into the "
                         "model's hidden states (0 = embeddings, -1 = last layer)") from None
+
+
+def hidden_state_count(config: Any) -> tuple[int, str] | None:
+    """Returns how many hidden states the model's config says it returns, and why; None when
+    the config does not say.
+
+    Transformers return the embeddings plus one state per layer: ``num_hidden_layers`` + 1
+    (ViT, WavLM, Llama...; GPT-2's ``n_layer`` is mapped onto it), or for stage-wise models that
+    do not set it (ResNet, RegNet) ``len(depths)`` + 1. A few models return fewer than their
+    config says (EfficientNet, PoolFormer): the count is then an upper bound, never a refusal of
+    a layer the model has, and :func:`select_layer` checks the rest when the model runs.
+    """
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and not isinstance(layers, bool) and layers > 0:
+        return layers + 1, f"num_hidden_layers {layers} + the embeddings"
+    depths = getattr(config, "depths", None)
+    if isinstance(depths, (list, tuple)) and depths:
+        return len(depths) + 1, f"{len(depths)} stages in depths + the embeddings"
+    return None
+
+
+def check_layer(option: str, layer: int | None, config: Any, model_name: str) -> None:
+    """Checks a parsed layer option (:func:`parse_layer`) against the model's config, so that a
+    layer the model lacks fails when the model is loaded, not on the first batch.
+
+    Raises:
+        UserError: naming the option, the model and the indices it has.
+    """
+    counted = hidden_state_count(config)
+    if layer is None or counted is None:
+        return
+    count, why = counted
+    if not -count <= layer < count:
+        raise UserError(f"{option} {layer}: model {model_name} has {count} hidden states "
+                        f"({why}); use last or an index from {-count} to {count - 1}")
 
 
 def select_layer(output: Any, layer: int | None, model_name: str) -> torch.Tensor:

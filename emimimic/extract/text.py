@@ -9,7 +9,7 @@ states of the real tokens as they are.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from emimimic.extract.engine import (
     ClipBatch,
     LayerEncoder,
     Stage,
+    check_layer,
     load_pretrained,
     parse_layer,
     provenance_of,
@@ -41,8 +42,10 @@ class TextOptions:
         model: Hugging Face language model name or local path (ChatGLM3: see
             ``emimimic convert-chatglm3``); needed to extract text features.
         revision: model revision (branch, tag or commit).
-        layer: last (last_hidden_state) or an index into hidden_states.
-        max_tokens: longest transcript, in tokens (at most the model's limit).
+        layer: last (last_hidden_state) or an index into hidden_states; checked against the
+            model.
+        max_tokens: longest transcript, in tokens, at most the model's limit (checked); default:
+            the model's limit, at most 512.
         empty_text: an empty transcript leaves the clip without text (missing), or is replaced:
             placeholder=TEXT (the paper's choice).
         transcripts: CSV Filename,transcript to use instead of speech recognition.
@@ -51,9 +54,13 @@ class TextOptions:
     model: str | None = None
     revision: str | None = None
     layer: str = "last"
-    max_tokens: PositiveInt = 512
+    max_tokens: PositiveInt | None = None
     empty_text: str = "missing"
     transcripts: Path | None = None
+
+
+#: ``--text.max_tokens`` when not given, unless the model reads fewer tokens.
+DEFAULT_MAX_TOKENS = 512
 
 
 def parse_empty_text(text: str) -> str | None:
@@ -151,17 +158,63 @@ class TokenEncoder(LayerEncoder):
                 for n, (clip, t) in enumerate(zip(batch.ids, batch.lengths, strict=True))}
 
 
+def token_limit(config: Any, tokenizer: Any) -> tuple[int, str] | None:
+    """Returns the most tokens the model reads, and the attribute that says so; None if unknown.
+
+    The limits are the config's ``max_position_embeddings`` and the tokenizer's
+    ``model_max_length`` when that is a real limit (transformers sets ``VERY_LARGE_INTEGER``,
+    1e30, when a tokenizer has none); the smaller wins (RoBERTa: 514 positions, 512 tokens).
+    """
+    try:
+        from transformers.tokenization_utils_base import LARGE_INTEGER as no_limit
+    except ImportError:  # pragma: no cover - moved in another transformers version
+        no_limit = int(1e20)
+    limits = []
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limits.append((positions, "max_position_embeddings"))
+    length = getattr(tokenizer, "model_max_length", None)
+    if isinstance(length, int) and 0 < length < no_limit:
+        limits.append((length, "the tokenizer's model_max_length"))
+    return min(limits, key=lambda limit: limit[0], default=None)
+
+
+def check_text_options(opts: TextOptions, layer: int | None, config: Any, tokenizer: Any,
+                       name: str) -> int:
+    """Checks ``--text.max_tokens`` and ``--text.layer`` against the loaded model; returns the
+    most tokens to read (the option, or by default the model's limit, at most 512).
+
+    Raises:
+        UserError: naming the option, the model and the values it takes.
+    """
+    limit = token_limit(config, tokenizer)
+    if limit is not None and opts.max_tokens is not None and opts.max_tokens > limit[0]:
+        most, source = limit
+        raise UserError(f"--text.max_tokens {opts.max_tokens}: model {name} reads at most {most} "
+                        f"tokens ({source}); use at most {most}")
+    check_layer("--text.layer", layer, config, name)
+    if opts.max_tokens is not None:
+        return opts.max_tokens
+    return min(DEFAULT_MAX_TOKENS, limit[0]) if limit is not None else DEFAULT_MAX_TOKENS
+
+
 def text_stage(opts: TextOptions, transcripts: dict[str, str | Failure], source: str,
                source_sha256: str | None, asr: dict[str, Any] | None) -> Stage:
-    """Returns the text stage: loads the language model and its tokenizer."""
+    """Returns the text stage: loads the language model and its tokenizer, and checks the
+    options against them."""
     from transformers import AutoModel, AutoTokenizer
 
     name = opts.model or ""
     placeholder = parse_empty_text(opts.empty_text)
+    layer = parse_layer(opts.layer, "--text.layer")
     model = load_pretrained(AutoModel, name, opts.revision, "--text.model")
     tokenizer = load_pretrained(AutoTokenizer, name, opts.revision, "--text.model")
+    config = model.config
+    if hasattr(config, "get_text_config"):  # a multimodal model's language part
+        config = config.get_text_config()
+    max_tokens = check_text_options(opts, layer, config, tokenizer, name)
+    opts = replace(opts, max_tokens=max_tokens)  # a default is recorded as the number used
     provenance = {**provenance_of(opts), "weights_sha256": weights_sha256(model),
                   "transcripts": source, "transcripts_sha256": source_sha256, "asr": asr}
-    preparer = TokenPreparer(tokenizer, transcripts, source, placeholder, opts.max_tokens)
-    return Stage("text", TokenEncoder(model, name, parse_layer(opts.layer)), preparer,
-                 provenance)
+    preparer = TokenPreparer(tokenizer, transcripts, source, placeholder, max_tokens)
+    return Stage("text", TokenEncoder(model, name, layer), preparer, provenance)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -10,10 +13,12 @@ import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 
+from emimimic.errors import UserError
 from emimimic.extract.engine import (
     ClipBatch,
     LayerEncoder,
     Stage,
+    check_layer,
     load_pretrained,
     parse_layer,
     provenance_of,
@@ -44,8 +49,10 @@ class VisualOptions:
     Attributes:
         model: Hugging Face image model name or local path (needed to extract visual features).
         revision: model revision (branch, tag or commit).
-        layer: last (last_hidden_state) or an index into hidden_states.
-        token: one vector per face crop: the CLS token, the token mean or pooler_output.
+        layer: last (last_hidden_state) or an index into hidden_states; checked against the
+            model.
+        token: one vector per face crop: the CLS token, the token mean or pooler_output (cls
+            needs a model with a token sequence, pooler one with a trained pooler).
         fps: frames sampled per second of video.
         detector: face detector: haar (OpenCV's, offline), none (the whole frame) or
             package.module:Class.
@@ -143,12 +150,16 @@ class FrameEncoder(LayerEncoder):
         """Returns ``[N, D]``: one vector per crop."""
         out = self.model(pixel_values=pixel_values, output_hidden_states=self.layer is not None)
         if self.token == "pooler":
-            return out.pooler_output.flatten(1)
+            pooled = getattr(out, "pooler_output", None)
+            if pooled is None:  # what check_visual_options could not tell from the model
+                raise UserError(f"--visual.token pooler: model {self.name} gives no "
+                                "pooler_output; use --visual.token cls or mean")
+            return pooled.flatten(1)
         hidden = select_layer(out, self.layer, self.name)
         if hidden.ndim == 4:  # convolutional models: [N, C, H, W]
             if self.token == "cls":
-                raise ValueError(f"{self.name}: a convolutional model has no CLS token; "
-                                 "use --visual.token mean or pooler")
+                raise UserError(f"--visual.token cls: model {self.name} is convolutional and "
+                                "has no CLS token; use --visual.token mean or pooler")
             return hidden.flatten(2).mean(-1)
         return hidden[:, 0] if self.token == "cls" else hidden.mean(1)
 
@@ -163,15 +174,88 @@ class FrameEncoder(LayerEncoder):
                                                       strict=True)}
 
 
+def output_classes(model: torch.nn.Module) -> list[type]:
+    """Returns the output classes the model's ``forward`` is annotated to return (a union gives
+    several; tuples are left out); [] when the annotation cannot be read."""
+    try:
+        annotation = inspect.signature(model.forward).return_annotation
+        if isinstance(annotation, str):
+            annotation = typing.get_type_hints(model.forward).get("return")
+    except (AttributeError, NameError, TypeError, ValueError):
+        return []
+    found, todo = [], [annotation]
+    while todo:
+        item = todo.pop(0)
+        if isinstance(item, type) and dataclasses.is_dataclass(item):
+            found.append(item)
+        else:
+            todo += typing.get_args(item)
+    return found
+
+
+#: Transformers' outputs of models whose hidden states are feature maps ``[N, C, H, W]`` (their
+#: documented ``last_hidden_state`` shape): ResNet, ConvNeXt, RegNet, EfficientNet, PoolFormer...
+FEATURE_MAP_OUTPUTS = ("BaseModelOutputWithNoAttention", "BaseModelOutputWithPoolingAndNoAttention")
+
+
+def _pooler_problem(model: torch.nn.Module, missing: set[str]) -> str | None:
+    """Returns why the model has no trained pooler, or None when it has one (or cannot tell)."""
+    kind = type(model).__name__
+    try:
+        pooler = model.pooler
+    except AttributeError:  # a model with no pooler module, e.g. DINOv2: its outputs say
+        classes = output_classes(model)
+        if classes and not any("pooler_output" in {f.name for f in dataclasses.fields(c)}
+                               for c in classes):
+            return (f"returns no pooler_output ({kind} returns "
+                    f"{' or '.join(c.__name__ for c in classes)})")
+        return None
+    if pooler is None:
+        return f"has no pooler ({kind}.pooler is None)"
+    untrained = sorted(k for k in missing if k.startswith("pooler."))
+    if untrained and any(p.numel() for p in pooler.parameters()):
+        return (f"has no pooler weights in its checkpoint ({', '.join(untrained)}: "
+                "transformers would initialise them at random)")
+    return None
+
+
+def check_visual_options(opts: VisualOptions, layer: int | None, model: torch.nn.Module,
+                         missing: set[str]) -> None:
+    """Checks ``--visual.layer`` and ``--visual.token`` against the loaded model.
+
+    Args:
+        missing: the checkpoint's missing weights (``output_loading_info``'s ``missing_keys``).
+
+    Raises:
+        UserError: naming the option, the model and the values it takes.
+    """
+    name = opts.model or ""
+    check_layer("--visual.layer", layer, model.config, name)
+    feature_maps = [c.__name__ for c in output_classes(model)
+                    if any(base.__name__ in FEATURE_MAP_OUTPUTS for base in c.__mro__)]
+    pooler = _pooler_problem(model, missing)
+    allowed = [t for t, bad in (("cls", feature_maps), ("mean", None), ("pooler", pooler))
+               if not bad]
+    use = f"use --visual.token {' or '.join(allowed)}"
+    if opts.token == "cls" and feature_maps:
+        raise UserError(f"--visual.token cls: model {name} is convolutional and has no CLS token "
+                        f"({type(model).__name__} returns {feature_maps[0]}: feature maps); {use}")
+    if opts.token == "pooler" and pooler:
+        raise UserError(f"--visual.token pooler: model {name} {pooler}; {use}")
+
+
 def visual_stage(opts: VisualOptions, raw_dir: Path | None, face_dir: Path | None) -> Stage:
-    """Returns the visual stage: loads the image model and its processor."""
+    """Returns the visual stage: loads the image model and its processor, and checks the options
+    against the model."""
     from transformers import AutoImageProcessor, AutoModel
 
-    model = load_pretrained(AutoModel, opts.model or "", opts.revision, "--visual.model")
+    index = parse_layer(opts.layer, "--visual.layer")
+    model, loading = load_pretrained(AutoModel, opts.model or "", opts.revision, "--visual.model",
+                                     output_loading_info=True)
+    check_visual_options(opts, index, model, set(loading.get("missing_keys", ())))
     processor = load_pretrained(AutoImageProcessor, opts.model or "", opts.revision,
                                 "--visual.model")
     face_detector = load_detector(opts.detector)
-    index = parse_layer(opts.layer)
     provenance = {**provenance_of(opts), "weights_sha256": weights_sha256(model),
                   "detector": detector_name(face_detector),
                   "source": "face_images" if face_dir is not None else "video",
