@@ -27,6 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from emimimic.errors import UserError
 from emimimic.extract.media import EXPECTED_REASONS, BadClip, Failure
 from emimimic.extract.work import Clip, WorkFolder
+from emimimic.hardware import auto_precision
+from emimimic.noise import quiet_dependencies
 
 #: ``bad_input``: record a bad clip as missing and go on, or stop with an error naming it.
 BadInput = Literal["record", "error"]
@@ -91,11 +93,13 @@ class EngineOptions:
     progress: bool = True
 
     def resolved_precision(self) -> str:
-        """Returns the Trainer precision: ``auto`` is bf16 (or fp16) mixed on a GPU, else 32."""
+        """Returns the Trainer precision: ``auto`` is training's choice on a GPU
+        (:func:`emimimic.hardware.auto_precision`), and 32-true on a CPU, where the stored
+        features stay exact float32 encodings."""
         if self.precision != "auto":
             return self.precision
         if self.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-            return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+            return auto_precision(self.accelerator)[0]
         return "32-true"
 
 
@@ -205,6 +209,7 @@ def run_stage(stage: Stage, clips: Sequence[Clip], work: WorkFolder, options: En
                if not all(work.done(stage.name, c.id) for c in g)]
     if not pending:
         return 0
+    quiet_dependencies()
     trainer = L.Trainer(
         accelerator=options.accelerator, devices=options.devices, num_nodes=options.num_nodes,
         strategy=options.strategy, precision=options.resolved_precision(), logger=False,
