@@ -37,6 +37,8 @@ COMMANDS: dict[str, Command] = {
     "info": Command("emimimic.data.commands:info_main", "print a summary of a feature store"),
     "extract": Command("emimimic.extract.commands:main",
                        "extract features from raw clips into a feature store (extra: extract)"),
+    "score-clips": Command("emimimic.extract.score:main",
+                           "score new raw clips with a checkpoint, extracted as its store was"),
     "convert-chatglm3": Command("emimimic.extract.commands:convert_chatglm3_main",
                                 "convert ChatGLM3-6B weights to transformers' GLM classes"),
     "table": Command("emimimic.experiments.table:main",
