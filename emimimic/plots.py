@@ -2,12 +2,17 @@
 
 Every function takes plain numpy / pandas data and returns a :class:`matplotlib.figure.Figure`
 built without pyplot (so nothing here changes a notebook's backend or keeps figures alive);
-:func:`save_png` writes one with the Agg canvas. matplotlib is imported inside the functions, so
+:func:`save_png` writes one with the Agg canvas. Each figure is a :class:`PlotFigure`, whose
+``_repr_png_`` renders it with that canvas too, so Jupyter and IPython show a figure left as a
+cell's last expression as an image (and ``IPython.display.display(fig)`` shows it anywhere in a
+cell), with no ``%matplotlib`` backend involved. matplotlib is imported inside the functions, so
 ``import emimimic`` does not pay for it; it comes with the ``plots`` extra.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,14 +30,52 @@ if TYPE_CHECKING:
 DPI = 100
 
 
-def _figure(width: float, height: float) -> Figure:
+@functools.cache
+def _figure_class() -> type[Figure]:
+    """Returns :class:`PlotFigure`, defined on first use so that importing this module does not
+    import matplotlib (``emimimic.plots.PlotFigure`` reaches it through the module's
+    ``__getattr__``, which is also how pickle finds it)."""
     try:
         from matplotlib.figure import Figure
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
             "emimimic.plots needs matplotlib: pip install -e \".[plots]\" (or \".[dev]\")"
         ) from err
-    return Figure(figsize=(width, height), layout="constrained")
+
+    class PlotFigure(Figure):
+        """A :class:`matplotlib.figure.Figure` that IPython and Jupyter display as a PNG.
+
+        IPython's PNG formatter calls ``_repr_png_`` of an object that has one (unless a printer
+        is registered for its type, as ``%matplotlib inline`` does for every Figure: then that one
+        draws it, just as well). The image is the figure rendered by the Agg canvas at
+        :data:`DPI`, the image :func:`save_png` writes; no pyplot, no GUI backend.
+        """
+
+        def _repr_png_(self) -> bytes:
+            buffer = io.BytesIO()
+            _write_png(self, buffer, DPI)
+            return buffer.getvalue()
+
+    PlotFigure.__module__ = __name__
+    PlotFigure.__qualname__ = PlotFigure.__name__
+    return PlotFigure
+
+
+def __getattr__(name: str) -> object:
+    if name == "PlotFigure":
+        return _figure_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _figure(width: float, height: float) -> Figure:
+    return _figure_class()(figsize=(width, height), layout="constrained")
+
+
+def _write_png(fig: Figure, target: str | os.PathLike[str] | io.BytesIO, dpi: int) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)  # attaches the Agg canvas: no pyplot, no GUI backend
+    fig.savefig(target, format="png", dpi=dpi)
 
 
 def save_png(fig: Figure, path: str | os.PathLike[str], dpi: int = DPI) -> Path:
@@ -40,12 +83,9 @@ def save_png(fig: Figure, path: str | os.PathLike[str], dpi: int = DPI) -> Path:
 
     The image is ``figsize × dpi`` pixels exactly (no tight cropping).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)  # attaches the Agg canvas: no pyplot, no GUI backend
-    fig.savefig(out, format="png", dpi=dpi)
+    _write_png(fig, out, dpi)
     return out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -157,7 +159,7 @@ def test_import_is_light_and_pyplot_free():
     code = (
         "import sys, numpy as np, emimimic, emimimic.plots as p\n"
         "assert 'matplotlib' not in sys.modules\n"
-        "p.pearson_bars(np.ones(6) * 0.2)\n"
+        "assert p.pearson_bars(np.ones(6) * 0.2)._repr_png_()[:4] == b'\\x89PNG'\n"
         "assert 'matplotlib' in sys.modules and 'matplotlib.pyplot' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -178,3 +180,38 @@ def test_modality_weights_png(tmp_path):
     assert pixels.shape[:2] == (520, 1080) and _ink(pixels) > 0.2
     with pytest.raises(ValueError, match=r"\[N, K\]"):
         plots.modality_weights({"text": np.ones(5)})
+
+
+def _png_pixels(png: bytes) -> np.ndarray:
+    assert png[:8] == PNG_SIGNATURE
+    with Image.open(io.BytesIO(png)) as img:
+        assert img.format == "PNG"
+        return np.asarray(img.convert("RGB"))
+
+
+def test_figures_render_themselves_as_png(split, tmp_path):
+    """``_repr_png_`` (what Jupyter shows) is the figure at figsize × DPI, as save_png writes it."""
+    fig = plots.pearson_bars([0.5, 0.42, 0.31, 0.6, -0.05, 0.45])
+    assert isinstance(fig, plots.PlotFigure)
+    from matplotlib.figure import Figure
+
+    assert isinstance(fig, Figure) and repr(fig) == "<PlotFigure size 640x400 with 1 Axes>"
+    shown = _png_pixels(fig._repr_png_())
+    assert shown.shape == (400, 640, 3) and _has_colour(shown, TAB_BLUE) > 2000
+    np.testing.assert_array_equal(shown, _image(plots.save_png(fig, tmp_path / "bars.png")))
+    scatter = _png_pixels(plots.scatter_grid(*split)._repr_png_())
+    assert scatter.shape == (560, 900, 3) and _has_colour(scatter, TAB_BLUE, tol=60) > 500
+    copy = pickle.loads(pickle.dumps(fig))  # the class is found as emimimic.plots.PlotFigure
+    assert type(copy) is plots.PlotFigure and _png_pixels(copy._repr_png_()).shape == shown.shape
+    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
+        plots.Nothing  # noqa: B018
+
+
+def test_ipython_formats_figures_as_png():
+    formatters = pytest.importorskip("IPython.core.formatters")
+    fig = plots.vad_histograms(np.random.default_rng(1).beta(5, 5, (300, 3)))
+    png = formatters.PNGFormatter()(fig)
+    assert _png_pixels(png).shape == (280, 900, 3)
+    data, _ = formatters.DisplayFormatter().format(fig)
+    assert data["text/plain"] == "<PlotFigure size 900x280 with 3 Axes>"
+    assert _png_pixels(data["image/png"]).shape == (280, 900, 3)
