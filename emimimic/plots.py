@@ -252,6 +252,11 @@ def interval_rows(names: Sequence[str], seed_scores: Sequence[Sequence[float]],
                        markersize=4)
     right.axvline(0.0, color="black", linewidth=0.8)
     right.set_xlabel(f"difference to {reference} ({confidence:.0%} paired bootstrap CI)")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (left, right):  # few, short tick labels: they never run into each other
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax.tick_params(axis="x", labelsize=8)
     right.grid(axis="x", alpha=0.3)
     return fig
 

@@ -327,9 +327,10 @@ def run_table(opts: TableOptions) -> pd.DataFrame:
         names, [table.loc[table.config == n, "mean_pearson"].tolist() for n in names],
         summary["difference"].tolist(), summary["low"].tolist(), summary["high"].tolist(),
         reference, opts.confidence)
-    fig.suptitle(f"{'SYNTHETIC (not real data): ' if synthetic else ''}{store.name}, split "
-                 f"{opts.split}, mean Pearson over {len(targets)} targets; "
-                 f"{'; '.join(protocols)}", fontsize=8)
+    fig.suptitle(f"{'SYNTHETIC (not real data) ' if synthetic else ''}store {store}, split "
+                 f"{opts.split} ({len(ids)} clips), mean Pearson over {', '.join(targets)}\n"
+                 f"protocol {Path(opts.base).name}: {'; '.join(protocols)}"
+                 + (f"; overrides {' '.join(overrides)}" if overrides else ""), fontsize=7)
     plots.save_png(fig, opts.out / "table.png")
     print(f"wrote {opts.out / 'runs.csv'}, {opts.out / 'table.md'}, {opts.out / 'table.png'}",
           flush=True)

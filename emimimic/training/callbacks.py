@@ -214,6 +214,9 @@ def default_callbacks(root_dir: str | os.PathLike[str] | None = None,
     Raises:
         TypeError: a name that is not a standard callback.
     """
+    from emimimic.noise import quiet_dependencies
+
+    quiet_dependencies()  # a notebook's Trainer gets the CLI's quiet console too
     table = standard_callbacks()
     unknown = sorted(set(given) - set(table))
     if unknown:
