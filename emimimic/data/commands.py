@@ -63,6 +63,8 @@ def info(store: Path) -> str:
     from emimimic.data.store import FeatureStore, human_bytes
 
     opened = FeatureStore(store)
+    for name in opened.splits:  # opening a split checks its files against the manifest
+        opened.split(name)
     prov = opened.provenance
     lines = [f"store      {opened.path}  ({human_bytes(opened.nbytes())} on disk)",
              f"targets    {len(opened.targets)}: {', '.join(opened.targets)}",

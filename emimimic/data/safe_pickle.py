@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from emimimic.data.store import StoreError
+from emimimic.data.store.format import file_start
 
 #: The globals an ndarray pickle refers to (numpy 1.x module names and numpy 2.x ones).
 _ALLOWED = {
@@ -55,8 +55,16 @@ def load_pickle(path: str | Path) -> np.ndarray:
             names the file).
     """
     path = Path(path)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise StoreError(f"{path}: missing feature file") from None
+    except OSError as err:
+        raise StoreError(f"{path}: cannot read the feature file ({err.strerror})") from None
+    _check_kind(path, data)
     if zipfile.is_zipfile(io.BytesIO(data)):
+        import torch  # only for torch.save files
+
         try:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for refused or corrupt files
@@ -79,3 +87,22 @@ def load_pickle(path: str | Path) -> np.ndarray:
     if obj.dtype.kind not in "fiu":
         raise StoreError(f"{path}: expected a real numeric array, got dtype {obj.dtype}")
     return obj
+
+
+def _check_kind(path: Path, data: bytes) -> None:
+    """Refuses, saying what the file is, bytes that are no pickle nor ``torch.save`` zip at all.
+
+    A pickle of protocol 2 or later starts with the PROTO opcode (``\\x80``); protocol 0 and 1
+    pickles of an array start with the GLOBAL opcode naming numpy's reconstructor
+    (``cnumpy``); a ``torch.save`` file is a zip (``PK``). Anything else (a text file, a
+    ``.npy`` file with the wrong suffix) is named for what it is rather than left to the
+    unpickler's opcode errors.
+    """
+    if not data:
+        raise StoreError(f"{path}: empty file; expected a pickled numpy array")
+    if data.startswith(np.lib.format.MAGIC_PREFIX):
+        raise StoreError(f"{path}: a .npy file (it starts with {file_start(data[:6], 6)}), not a "
+                         "pickle; rename it to .npy")
+    if not data.startswith((b"\x80", b"cnumpy", b"PK")):
+        raise StoreError(f"{path}: not a pickle (it starts with {file_start(data)}); expected a "
+                         "pickled numpy array")

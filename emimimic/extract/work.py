@@ -31,6 +31,7 @@ import numpy as np
 
 from emimimic.constants import ID_COLUMN
 from emimimic.data.store import normalise_id
+from emimimic.data.store.format import safe_name
 from emimimic.errors import UserError
 from emimimic.extract.media import Failure
 from emimimic.files import write_atomic
@@ -41,10 +42,17 @@ REPORT_HEADER = (ID_COLUMN, "split", "modality", "reason", "detail")
 
 @dataclass(frozen=True)
 class Clip:
-    """One clip to extract: its id (``Filename`` zero-padded to 5 digits) and its split."""
+    """One clip to extract: its id (``Filename`` zero-padded to 5 digits) and its split.
+
+    The split's name becomes a file name (``WORK/splits/<split>.csv``, the store's folders), so
+    it must be a safe name (:func:`~emimimic.data.store.format.safe_name`).
+    """
 
     id: str
     split: str
+
+    def __post_init__(self) -> None:
+        safe_name(self.split, "split", f"--splits.{self.split}")
 
 
 def file_sha256(path: Path) -> str:

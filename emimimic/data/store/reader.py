@@ -20,6 +20,7 @@ from emimimic.data.store.format import (
     check_weights,
     data_file,
     index_file,
+    load_npy,
     read_labels_csv,
 )
 
@@ -40,13 +41,17 @@ class SplitView:
         self.folder = root / name
         self.dims = dict(dims)
         self.labelled = bool(info["labelled"])
+        if not self.folder.is_dir():
+            raise StoreError(f"{self.folder}: missing folder of split {name!r}, which the "
+                             f"manifest lists")
         self.ids, self.labels = read_labels_csv(self.folder / LABELS, targets, self.labelled)
         if len(self.ids) != info["count"]:
             raise StoreError(f"{self.folder / LABELS}: {len(self.ids)} clips, "
-                             f"manifest says {info['count']}")
+                             f"manifest says {info['count']} (splits.{name}.count)")
         #: float32 [N] per-clip sample weights, or None when the split has none.
         self.weights = self._read_weights() if info.get("weighted") else None
-        self._index = {m: self._check_index(m, dim) for m, dim in self.dims.items()}
+        self._index = {m: self._check_index(m, dim, info["present"][m])
+                       for m, dim in self.dims.items()}
         self._files: dict[str, Any] = {}
         self._preloaded: dict[str, np.ndarray] = {}
         self._pid = os.getpid()
@@ -55,37 +60,33 @@ class SplitView:
         path = self.folder / WEIGHTS
         if not path.is_file():
             raise StoreError(f"{path}: missing; the manifest says split {self.name!r} is weighted")
-        try:
-            weights = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as err:
-            raise StoreError(f"{path}: not a readable .npy array ({err})") from None
-        if weights.shape != (len(self.ids),) or weights.dtype != np.float32:
-            raise StoreError(f"{path}: expected float32 [{len(self.ids)}], got {weights.dtype} "
-                             f"{tuple(weights.shape)}")
+        weights = load_npy(path, np.float32, (len(self.ids),), "sample weights")
         return check_weights(weights, str(path), self.ids)
 
-    def _check_index(self, m: str, dim: int) -> np.ndarray:
+    def _check_index(self, m: str, dim: int, present: int) -> np.ndarray:
         path = index_file(self.folder, m)
         if not path.is_file():
             raise StoreError(f"{path}: missing index file of modality {m!r} in split {self.name!r}")
-        index = np.load(path, allow_pickle=False)
         n = len(self.ids)
-        if index.shape != (n, 3) or index.dtype != np.int64:
-            raise StoreError(f"{path}: expected int64 [{n}, 3], got {index.dtype} {index.shape}")
+        index = load_npy(path, np.int64, (n, 3), "index")
         start, rows, raw_t = index.T
         ends = np.cumsum(rows)
         bad = (start != ends - rows) | (rows != np.minimum(raw_t, STEPS)) | (raw_t < 0)
         if bad.any():
             i = int(np.argmax(bad))
             raise StoreError(f"{path}: inconsistent row {i} (clip {self.ids[i]}): "
-                             f"{index[i].tolist()}")
+                             f"{index[i].tolist()}; expected (row_start, stored_rows, raw_T) "
+                             f"with clips back to back and stored_rows = min(raw_T, {STEPS})")
+        if int((rows > 0).sum()) != present:
+            raise StoreError(f"{path}: {int((rows > 0).sum())} clips with data, the manifest says "
+                             f"{present} (splits.{self.name}.present.{m})")
         data = data_file(self.folder, m)
         expected = int(ends[-1] if n else 0) * dim * 2
         if not data.is_file() or data.stat().st_size != expected:
             size = data.stat().st_size if data.is_file() else "missing"
             raise StoreError(f"{data}: expected {expected} bytes ({dim}-d float16 rows), "
                              f"got {size}")
-        return index
+        return np.ascontiguousarray(index)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -291,12 +292,16 @@ class FeatureStore:
             raise StoreError(f"{self.path}: not a feature store, no {MANIFEST}")
         try:
             manifest = json.loads(file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise StoreError(f"{file}: not UTF-8 text (byte {err.start}); expected JSON") from None
         except json.JSONDecodeError as err:
-            raise StoreError(f"{file}: not valid JSON ({err})") from err
+            raise StoreError(f"{file}: not valid JSON ({err})") from None
+        except (OSError, RecursionError) as err:
+            raise StoreError(f"{file}: cannot read the manifest ({err})") from None
         check_manifest(manifest, file)
         self.manifest: dict[str, Any] = manifest
         self.targets: list[str] = list(manifest["targets"])
-        self.dims: dict[str, int] = {m: int(v["dim"]) for m, v in manifest["modalities"].items()}
+        self.dims: dict[str, int] = {m: v["dim"] for m, v in manifest["modalities"].items()}
         self.splits: list[str] = list(manifest["splits"])
         self.provenance: dict[str, Any] = dict(manifest["provenance"])
         self._views: dict[str, SplitView] = {}

@@ -24,12 +24,15 @@ from emimimic.data.store.format import (
     data_file,
     index_file,
     make_manifest,
+    safe_name,
     write_labels_csv,
 )
 from emimimic.files import write_atomic
 from emimimic.pooling import pool_reference
 
 PROGRESS = "progress.json"
+#: Per split in ``DEST.partial``: one JSON line per written clip, where its data came from.
+ORIGINS = "origins.part"
 
 
 @dataclass
@@ -49,9 +52,18 @@ class SplitSpec:
     weights: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        safe_name(self.name, "split")
         self.ids = list(self.ids)
         if self.labels is not None:
             self.labels = np.asarray(self.labels, dtype=np.float64)
+            if self.labels.ndim != 2 or self.labels.shape[0] != len(self.ids):
+                raise StoreError(f"split {self.name!r}: labels of shape {self.labels.shape} for "
+                                 f"{len(self.ids)} clips; expected [{len(self.ids)}, K]")
+            bad = ~((self.labels >= 0) & (self.labels <= 1))  # (NaN is bad too)
+            if bad.any():
+                n, k = np.argwhere(bad)[0]
+                raise StoreError(f"split {self.name!r}: label {self.labels[n, k]!r} of clip "
+                                 f"{self.ids[n]} (column {k}); expected a number in [0, 1]")
         if self.weights is not None:
             self.weights = check_weights(self.weights, f"split {self.name!r}", self.ids)
             if self.weights.shape != (len(self.ids),):
@@ -142,6 +154,11 @@ class StoreWriter:
     ``DEST.partial`` with the same inputs truncates anything past the recorded point and continues
     from there. ``finish`` writes the indexes, then ``manifest.json``, then renames
     ``DEST.partial`` to ``DEST``.
+
+    Clips read from files record where they came from (``origin``: e.g. each file's size, mtime
+    and a hash of its ends); a resuming caller compares :meth:`origins` with the files now and
+    :meth:`rewind` s a split to its first clip whose files changed, so a resumed store never
+    keeps rows of files that were edited since.
     """
 
     def __init__(self, dest: str | os.PathLike[str], targets: Sequence[str],
@@ -153,10 +170,24 @@ class StoreWriter:
                              "choose a new path or remove it first")
         self.partial = Path(f"{self.dest}.partial")
         self.targets = list(targets)
-        self.dims = {m: int(d) for m, d in dims.items()}
+        if (not all(isinstance(t, str) and t for t in self.targets)
+                or len(set(self.targets)) != len(self.targets)):
+            raise StoreError(f"targets {self.targets}: expected distinct, non-empty names")
+        self.dims = {safe_name(m, "modality"): d for m, d in dims.items()}
+        if (not self.dims or not all(isinstance(d, int | np.integer) for d in self.dims.values())
+                or min(self.dims.values()) < 1):
+            raise StoreError(f"dims {self.dims}: expected at least one modality, each D >= 1")
         self.splits = {s.name: s for s in splits}
+        if not self.splits or len(self.splits) != len(splits):
+            raise StoreError(f"splits {[s.name for s in splits]}: expected at least one split, "
+                             "each name once")
+        self.dims = {m: int(d) for m, d in self.dims.items()}
+        for spec in self.splits.values():
+            if spec.labels is not None and spec.labels.shape[1] != len(self.targets):
+                raise StoreError(f"split {spec.name!r}: {spec.labels.shape[1]} label columns "
+                                 f"for {len(self.targets)} targets")
         self.provenance = dict(provenance)
-        self._files: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        self._files: dict[str, tuple[dict[str, Any], dict[str, Any], Any]] = {}
         self._complete = False
         self._progress = self._open_partial()
 
@@ -173,6 +204,9 @@ class StoreWriter:
     def _index_part(self, split: str, m: str) -> Path:
         return self.partial / split / f"{m}.index.part"
 
+    def _origins_part(self, split: str) -> Path:
+        return self.partial / split / ORIGINS
+
     def _open_partial(self) -> dict[str, Any]:
         progress_file = self.partial / PROGRESS
         if (self.partial / MANIFEST).is_file() and not progress_file.is_file():
@@ -184,7 +218,7 @@ class StoreWriter:
             if not progress_file.is_file():
                 raise StoreError(f"{self.partial}: exists without {PROGRESS}; "
                                  "remove it to start over")
-            progress = json.loads(progress_file.read_text(encoding="utf-8"))
+            progress = self._read_progress(progress_file)
             if progress.get("fingerprint") != fingerprint:
                 raise StoreError(f"{self.partial}: an unfinished store built from different inputs "
                                  "(splits, labels, dims, targets or provenance); remove it or "
@@ -193,7 +227,7 @@ class StoreWriter:
             return progress
         self.partial.mkdir(parents=True)
         progress = {"fingerprint": fingerprint,
-                    "splits": {n: {"done": 0, "rows": dict.fromkeys(self.dims, 0)}
+                    "splits": {n: {"done": 0, "rows": dict.fromkeys(self.dims, 0), "origins": 0}
                                for n in self.splits}}
         for name, spec in self.splits.items():
             (self.partial / name).mkdir()
@@ -203,15 +237,90 @@ class StoreWriter:
             for m in self.dims:
                 data_file(self.partial / name, m).touch()
                 self._index_part(name, m).touch()
+            self._origins_part(name).touch()
         self._write_progress(progress)
         return progress
 
+    def _read_progress(self, path: Path) -> dict[str, Any]:
+        """Returns a partial store's progress record after checking its shape."""
+        try:
+            progress = json.loads(path.read_text(encoding="utf-8"))
+            states = progress["splits"]
+            ok = set(states) == set(self.splits) and all(
+                isinstance(st["done"], int) and 0 <= st["done"] <= len(self.splits[n].ids)
+                and set(st["rows"]) == set(self.dims)
+                and all(isinstance(r, int) and r >= 0 for r in st["rows"].values())
+                and isinstance(st.get("origins", 0), int) and st.get("origins", 0) >= 0
+                for n, st in states.items())
+        except (ValueError, TypeError, KeyError, AttributeError, OSError):
+            ok = False
+        if not ok:
+            raise StoreError(f"{path}: damaged progress record of an unfinished store; remove "
+                             f"{self.partial} to start over")
+        return progress
+
     def _truncate(self, progress: dict[str, Any]) -> None:
-        """Cuts data and index files back to the last recorded clip (a crash may have left more)."""
+        """Cuts data and index files back to the last recorded clip (a crash may have left more).
+
+        A split recorded without the origins of its clips (a partial store of an older emimimic)
+        starts over: nothing says which files its rows came from.
+        """
         for name, state in progress["splits"].items():
+            if "origins" not in state:
+                state.update(done=0, rows=dict.fromkeys(self.dims, 0), origins=0)
             for m, dim in self.dims.items():
                 os.truncate(data_file(self.partial / name, m), state["rows"][m] * dim * 2)
                 os.truncate(self._index_part(name, m), state["done"] * 3 * 8)
+            origins = self._origins_part(name)
+            origins.touch()
+            os.truncate(origins, state["origins"])
+        self._write_progress(progress)
+
+    def origins(self, split: str) -> list[Any]:
+        """Returns the recorded origin of each clip of ``split`` written so far, in order.
+
+        An origin is what :meth:`append` was given (None for generated clips), after a JSON
+        round trip (tuples come back as lists).
+
+        Raises:
+            StoreError: the record does not hold one origin per written clip (it was damaged).
+        """
+        done = self.done(split)
+        if self._complete:
+            return [None] * done
+        path = self._origins_part(split)
+        lines = path.read_bytes().split(b"\n")[:-1] if done else []
+        try:
+            records = [json.loads(line) for line in lines]
+        except ValueError:
+            records = []
+        if len(records) != done:
+            raise StoreError(f"{path}: {len(records)} readable clip origins for {done} written "
+                             f"clips; remove {self.partial} to start over")
+        return records
+
+    def rewind(self, split: str, clips: int) -> None:
+        """Cuts ``split`` back to its first ``clips`` clips (those after are written again).
+
+        Raises:
+            StoreError: ``clips`` is more than the split has written.
+        """
+        done = self.done(split)
+        if not 0 <= clips <= done:
+            raise StoreError(f"{self.partial / split}: cannot rewind to {clips} clips, "
+                             f"{done} are written")
+        if clips == done or self._complete:
+            return
+        self.close()
+        state = self._progress["splits"][split]
+        for m in self.dims:
+            entry = np.fromfile(self._index_part(split, m), dtype=np.int64, count=3,
+                                offset=clips * 3 * 8)
+            state["rows"][m] = int(entry[0])  # the first row of clip ``clips``
+        lines = self._origins_part(split).read_bytes().split(b"\n")
+        state["origins"] = sum(len(line) + 1 for line in lines[:clips])
+        state["done"] = clips
+        self._truncate(self._progress)
 
     def _write_progress(self, progress: dict[str, Any]) -> None:
         write_atomic(self.partial / PROGRESS, json.dumps(progress, sort_keys=True))
@@ -231,30 +340,46 @@ class StoreWriter:
             raise StoreError(f"{self.partial / split}: all {len(spec.ids)} clips already written")
         return spec.ids[n]
 
-    def _handles(self, split: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _handles(self, split: str) -> tuple[dict[str, Any], dict[str, Any], Any]:
         if split not in self._files:
             folder = self.partial / split
             self._files[split] = (
                 {m: open(data_file(folder, m), "ab") for m in self.dims},  # noqa: SIM115
                 {m: open(self._index_part(split, m), "ab") for m in self.dims},  # noqa: SIM115
+                open(self._origins_part(split), "ab"),  # noqa: SIM115
             )
         return self._files[split]
 
     def add(self, split: str, arrays: Mapping[str, np.ndarray | None],
-            sources: Mapping[str, str] | None = None) -> None:
+            sources: Mapping[str, str] | None = None, origin: Any = None) -> None:
         """Validates and appends the next clip of ``split``; None for a modality means absent.
+
+        Args:
+            split: the split.
+            arrays: modality -> raw [T, D] (or [D]) array, or None when the clip has no data.
+            sources: modality -> the file the array came from, for error messages.
+            origin: where the data came from, recorded for resumes (see :meth:`append`).
 
         Raises:
             StoreError: an array is invalid (nothing is written for this clip then), or every
                 modality is absent.
         """
-        self.append(split, prepare_clip(arrays, self.dims, self.next_clip(split), sources))
+        self.append(split, prepare_clip(arrays, self.dims, self.next_clip(split), sources),
+                    origin)
 
-    def append(self, split: str, clip: StoredClip) -> None:
-        """Appends the next clip of ``split``, already validated by :func:`prepare_clip`."""
+    def append(self, split: str, clip: StoredClip, origin: Any = None) -> None:
+        """Appends the next clip of ``split``, already validated by :func:`prepare_clip`.
+
+        Args:
+            split: the split.
+            clip: the prepared clip.
+            origin: a JSON-able record of the clip's sources (e.g. each file's size, mtime and
+                content hash; None for generated data), kept in ``DEST.partial`` so that a resume
+                can tell whether the rows are still those of the files (:meth:`origins`).
+        """
         self.next_clip(split)
         state = self._progress["splits"][split]
-        data_files, index_files = self._handles(split)
+        data_files, index_files, origins = self._handles(split)
         for m, rows in clip.rows.items():
             count = 0 if rows is None else rows.shape[0]
             if rows is not None:
@@ -262,15 +387,18 @@ class StoreWriter:
             index_files[m].write(np.asarray([state["rows"][m], count, clip.raw_lengths[m]],
                                             dtype=np.int64).tobytes())
             state["rows"][m] += count
-        for f in (*data_files.values(), *index_files.values()):
+        line = json.dumps(origin, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+        origins.write(line)
+        for f in (*data_files.values(), *index_files.values(), origins):
             f.flush()
         state["done"] += 1
+        state["origins"] += len(line)
         self._write_progress(self._progress)
 
     def close(self) -> None:
         """Closes open files (the partial folder stays for a later resume)."""
-        for data_files, index_files in self._files.values():
-            for f in (*data_files.values(), *index_files.values()):
+        for data_files, index_files, origins in self._files.values():
+            for f in (*data_files.values(), *index_files.values(), origins):
                 f.close()
         self._files = {}
 
@@ -301,6 +429,7 @@ class StoreWriter:
                             "present": present}
             if spec.weights is not None:
                 splits[name]["weighted"] = True
+            self._origins_part(name).unlink(missing_ok=True)
         for path in self.partial.rglob("*"):
             if path.is_file():
                 _fsync(path)
