@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -24,6 +25,7 @@ from emimimic.training.checkpoints import (
     check_data_fits,
     checkpoint_epoch,
     checkpoint_hparams,
+    command_line_keys,
     metrics_rows_until,
     resolve_checkpoint,
 )
@@ -98,11 +100,19 @@ class EMICLI(LightningCLI):
         config.ckpt_path = resolve_checkpoint(config.ckpt_path, _checkpoint_dir(config))
         rank_zero_info(f"--ckpt_path: {config.ckpt_path}")
         self._checkpoint_hparams = checkpoint_hparams(config.ckpt_path)
-        adopt_checkpoint_model(config, self._checkpoint_hparams, config.ckpt_path)
+        argv = (sys.argv[1:] if args is None
+                else [str(a) for a in args] if isinstance(args, (list, tuple)) else [])
+        adopt_checkpoint_model(config, self._checkpoint_hparams, config.ckpt_path,
+                               command_line_keys(argv))
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config.trainer.default_root_dir or os.getcwd()
+        if config.trainer.precision is None and config.get("ckpt_path"):
+            config.trainer.precision = _trained_precision(config.ckpt_path)
+            if config.trainer.precision is not None:
+                rank_zero_info(f"precision {config.trainer.precision} (trainer.precision null: "
+                               "the precision the checkpoint's run was trained in)")
         if config.trainer.precision is None:
             config.trainer.precision, why = auto_precision(str(config.trainer.accelerator))
             rank_zero_info(f"precision {config.trainer.precision} (trainer.precision null: "
@@ -164,6 +174,22 @@ class EMICLI(LightningCLI):
         self.config_init[self.subcommand]["verbose"] = False
 
     before_validate = before_test = _one_table
+
+
+def _trained_precision(ckpt_path: str) -> str | None:
+    """Returns the precision the run of a checkpoint was trained in, as its saved fit config
+    (``logs/fit/config.yaml`` beside its ``checkpoints`` folder) gives it; None where unknown."""
+    config_file = Path(ckpt_path).parent.parent / "logs" / "fit" / "config.yaml"
+    if not config_file.is_file():
+        return None
+    import yaml
+
+    try:
+        saved = yaml.safe_load(config_file.read_text()) or {}
+    except yaml.YAMLError:
+        return None
+    precision = (saved.get("trainer") or {}).get("precision") if isinstance(saved, dict) else None
+    return str(precision) if precision is not None else None
 
 
 def _with_csv_logger(logger: Any, root: str, subcommand: str) -> Any:

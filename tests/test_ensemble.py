@@ -94,7 +94,9 @@ def test_the_mean_ensemble_is_the_mean_of_the_members_prediction_files(runs, dem
                                                                        tmp_path):
     members = [runs[("plain", 0)], runs[("plain", 1)]]
     files = []
-    for folder in members:  # each member's own submission, written by `emimimic predict`
+    # each member's own submission, written by `emimimic predict` without the run's config:
+    # it evaluates in the precision the run was trained in (32-true), as the ensemble does
+    for folder in members:
         out = tmp_path / f"{folder.name}.csv"
         cli_main(["predict", "--data.store", str(demo_store), "--ckpt_path", "best",
                   "--trainer.default_root_dir", str(folder), "--submission.path", str(out)])

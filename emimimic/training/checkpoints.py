@@ -62,6 +62,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if not re.search(r"global", str(err), re.IGNORECASE):  # a damaged pickle stream
+            first = str(err).strip().splitlines()[0] if str(err).strip() else "unpickling error"
+            raise UserError(f"{file}: damaged checkpoint, torch cannot read it ({first})") from None
         raise UserError(f"{file}: refused, it holds a code reference ({_refused_global(err)}) "
                         "that loading would import and run; checkpoints of `emimimic fit` hold "
                         "only tensors and plain data, so this file was not written by it or was "
@@ -164,8 +167,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _network_conflicts(given: Any, saved: dict[str, Any], path: str) -> None:
-    """Refuses a network in the config that is set (not left at its defaults) and differs.
+def _network_conflicts(given: Any, saved: dict[str, Any], path: str,
+                       explicit: frozenset[str] = frozenset()) -> None:
+    """Refuses a network option that is set (on the command line, or away from its default)
+    and differs from the checkpoint's.
 
     Raises:
         UserError: naming the option, its value and the checkpoint's.
@@ -183,7 +188,8 @@ def _network_conflicts(given: Any, saved: dict[str, Any], path: str) -> None:
                 inspect.signature(import_class(given_class)).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     for name, value in given_args.items():
-        if name not in defaults or _plain(value) == _plain(defaults[name]):
+        if name not in defaults or (_plain(value) == _plain(defaults[name])
+                                    and f"model.network.{name}" not in explicit):
             continue
         if given_class != theirs:
             raise UserError(f"--model.network.init_args.{name} {value!r} is an option of "
@@ -194,17 +200,33 @@ def _network_conflicts(given: Any, saved: dict[str, Any], path: str) -> None:
                             "override or use another checkpoint")
 
 
-def adopt_checkpoint_model(config: Any, hparams: dict[str, Any], path: str) -> None:
+def command_line_keys(argv: list[str]) -> frozenset[str]:
+    """Returns the dotted option names given on a command line (``--a.b 1``, ``--a.b=1``).
+
+    ``init_args`` is dropped from the names, so ``--model.network.init_args.fusion`` and
+    ``--model.network.fusion`` are the same option.
+    """
+    keys = set()
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2:
+            keys.add(arg[2:].split("=", 1)[0].replace(".init_args.", "."))
+    return frozenset(keys)
+
+
+def adopt_checkpoint_model(config: Any, hparams: dict[str, Any], path: str,
+                           explicit: frozenset[str] = frozenset()) -> None:
     """Checks a parsed CLI ``config`` against a checkpoint's hyper-parameters, and adopts them.
 
-    A value the config leaves at its default takes the checkpoint's; a value set to something else
-    that disagrees with the checkpoint is refused. The network (class and options), the loss
-    options, the per-part learning rates and the served modalities follow the checkpoint.
+    A value that differs from the checkpoint's is refused when it is given on the command line
+    (``explicit``, see :func:`command_line_keys`) or set away from its default in a config
+    file; otherwise (a config file's value, or a default) it gives way to the checkpoint's. The
+    network (class and options), the loss options, the per-part learning rates and the served
+    modalities follow the checkpoint.
 
     Raises:
         UserError: naming the option, its value and the checkpoint's.
     """
-    _network_conflicts(config.model.network, hparams["network"], path)
+    _network_conflicts(config.model.network, hparams["network"], path, explicit)
     for group, options in CHECKPOINT_GROUPS.items():
         defaults = options()
         saved = hparams.get(group, {})
@@ -213,7 +235,9 @@ def adopt_checkpoint_model(config: Any, hparams: dict[str, Any], path: str) -> N
             if field.name not in saved:
                 continue
             given, theirs = section[field.name], saved[field.name]
-            if _plain(given) != _plain(getattr(defaults, field.name)) and _plain(given) != theirs:
+            is_set = (f"model.{group}.{field.name}" in explicit
+                      or _plain(given) != _plain(getattr(defaults, field.name)))
+            if is_set and _plain(given) != theirs:
                 raise UserError(f"--model.{group}.{field.name} {given!r} conflicts with the "
                                 f"checkpoint's {theirs!r} ({path}); drop the override or use "
                                 "another checkpoint")
