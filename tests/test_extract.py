@@ -295,6 +295,46 @@ def test_store_gains_a_modality_and_a_finished_run_does_nothing(
             sorted(p.name for p in (tmp_path / "work").rglob("*"))) == before
 
 
+def test_a_resume_redoes_clips_whose_source_files_changed(
+        tmp_path: Path, models: dict, videos: Path, capsys: pytest.CaptureFixture) -> None:
+    """Class 4 of the hardening issue for extract: a clip whose video was replaced after its
+    features were made is redone, and the store equals a fresh extraction of today's files."""
+    import shutil
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for clip in ("00000", "00001"):
+        shutil.copy(videos / f"{clip}.mp4", raw / f"{clip}.mp4")
+    splits = {"train": write_split(tmp_path / "train.csv", [0, 1])}
+    argv = run(tmp_path, splits, "--raw", str(raw), "--visual.model", str(models["vit"]),
+               "--audio.model", str(models["wavlm"]), "--modalities", "[visual, audio]")
+    first = FeatureStore(tmp_path / "store").split("train")
+    old = {m: first.read(m, 0) for m in ("visual", "audio")}
+
+    write_video(raw / "00000.mp4", 1.6, seed=7)  # the user replaces clip 0's video
+    capsys.readouterr()
+    commands.main(argv)
+    out = capsys.readouterr().out
+    assert "visual: 1 clip(s) whose source files changed" in out and "(00000)" in out
+    assert "audio: 1 clip(s) whose source files changed" in out
+
+    fresh_dir = tmp_path / "fresh"
+    fresh_dir.mkdir()
+    run(fresh_dir, splits, "--raw", str(raw), "--visual.model", str(models["vit"]),
+        "--audio.model", str(models["wavlm"]), "--modalities", "[visual, audio]")
+    resumed = FeatureStore(tmp_path / "store").split("train")
+    fresh = FeatureStore(fresh_dir / "store").split("train")
+    for modality in ("visual", "audio"):
+        for index in (0, 1):
+            np.testing.assert_array_equal(resumed.read(modality, index),
+                                          fresh.read(modality, index))
+        assert not np.array_equal(resumed.read(modality, 0), old[modality])  # it did change
+    capsys.readouterr()
+    commands.main(argv)  # nothing changed since: nothing redone, the store up to date
+    out = capsys.readouterr().out
+    assert "changed since" not in out and "up to date" in out
+
+
 def test_changed_settings_are_refused(tmp_path: Path, models: dict, videos: Path) -> None:
     splits = {"train": write_split(tmp_path / "train.csv", [0])}
     base = ["--raw", str(videos), "--visual.model", str(models["vit"]), "--modalities", "[visual]"]

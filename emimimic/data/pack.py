@@ -16,9 +16,7 @@ result is byte-identical to a fresh pack of the files as they are now.
 from __future__ import annotations
 
 import csv
-import hashlib
 import math
-import os
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -34,6 +32,7 @@ from emimimic.constants import EMOTIONS, ID_COLUMN
 from emimimic.data.safe_pickle import load_pickle
 from emimimic.data.store import FORMAT_VERSION, StoreError, check_weights, normalise_id
 from emimimic.data.store.format import load_npy, read_npy_header, safe_name
+from emimimic.files import file_fingerprint
 
 #: What ``missing`` may say about a clip whose feature file for a modality does not exist.
 MissingPolicy = Literal["error", "absent"]
@@ -169,15 +168,9 @@ def load_feature_file(path: Path) -> np.ndarray:
     return load_npy(path, what="feature")
 
 
-#: Bytes hashed at each end of a feature file for its resume fingerprint.
-_HASHED = 64 * 1024
-
-
 def file_origin(path: Path | None) -> list[Any] | None:
-    """Returns what a resume compares of a feature file: name, size, mtime (ns) and a hash.
-
-    The hash is BLAKE2b over the size and the first and last 64 KiB (cheap whatever the file's
-    size; with the size and mtime it catches an edited or replaced file). None for no file.
+    """Returns what a resume compares of a feature file (:func:`~emimimic.files.file_fingerprint`:
+    name, size, mtime and a hash of its ends); None for no file.
 
     Raises:
         StoreError: the file cannot be read.
@@ -185,19 +178,11 @@ def file_origin(path: Path | None) -> list[Any] | None:
     if path is None:
         return None
     try:
-        with open(path, "rb") as f:
-            stat = os.fstat(f.fileno())
-            size, mtime = stat.st_size, stat.st_mtime_ns
-            h = hashlib.blake2b(size.to_bytes(8, "little"), digest_size=16)
-            h.update(f.read(_HASHED))
-            if size > _HASHED:
-                f.seek(max(_HASHED, size - _HASHED))
-                h.update(f.read(_HASHED))
+        return file_fingerprint(path)
     except FileNotFoundError:
         raise StoreError(f"{path}: feature file disappeared while packing") from None
     except OSError as err:
         raise StoreError(f"{path}: cannot read the feature file ({err.strerror})") from None
-    return [path.name, size, mtime, h.hexdigest()]
 
 
 def clip_origin(found: Mapping[str, Path | None]) -> dict[str, list[Any] | None]:

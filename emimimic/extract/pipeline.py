@@ -33,7 +33,13 @@ from emimimic.errors import UserError
 from emimimic.extract.asr import ASROptions
 from emimimic.extract.audio import AudioOptions
 from emimimic.extract.engine import BadInput, EngineOptions, Stage, run_stage
-from emimimic.extract.media import Failure
+from emimimic.extract.media import (
+    AUDIO_SUFFIXES,
+    IMAGE_SUFFIXES,
+    VIDEO_SUFFIXES,
+    Failure,
+    find_media,
+)
 from emimimic.extract.text import TextOptions
 from emimimic.extract.visual import VisualOptions
 from emimimic.extract.work import (
@@ -43,6 +49,7 @@ from emimimic.extract.work import (
     WorkFolder,
     file_sha256,
     read_transcripts,
+    source_fingerprints,
     write_csv,
 )
 from emimimic.files import write_atomic
@@ -164,7 +171,28 @@ def _check_inputs(opts: ExtractOptions) -> None:
         raise UserError("audio and speech recognition need --raw (videos) or --audio_files")
 
 
+def _source_files(stage: str, clip: str, opts: ExtractOptions) -> list[Path]:
+    """Returns the files a stage reads for a clip (as its preparer finds them)."""
+    if stage == "visual":
+        if opts.face_images is not None:
+            folder = opts.face_images / clip
+            return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                          ) if folder.is_dir() else []
+        found = find_media(opts.raw, clip, VIDEO_SUFFIXES)
+    else:  # audio and speech recognition read the same audio
+        found = (find_media(opts.audio_files, clip, AUDIO_SUFFIXES)
+                 or find_media(opts.raw, clip, VIDEO_SUFFIXES))
+    return [found] if found is not None else []
+
+
 def _run(stage: Stage, clips: list[Clip], work: WorkFolder, opts: ExtractOptions) -> None:
+    if stage.name in ("visual", "audio", "asr"):
+        stale = work.track_sources(stage.name, {
+            c.id: source_fingerprints(_source_files(stage.name, c.id, opts)) for c in clips})
+        if stale and _is_main_process():
+            print(f"{stage.name}: {len(stale)} clip(s) whose source files changed since their "
+                  f"results were made are redone ({', '.join(stale[:5])}"
+                  f"{' ...' if len(stale) > 5 else ''})", flush=True)
     recorded = work.provenance(stage.name)
     wanted = _normalised(stage.provenance)
     if recorded is not None and recorded != wanted:
@@ -375,6 +403,8 @@ def _finish(clips: list[Clip], csvs: dict[str, SplitCSV], work: WorkFolder,
             "missing": {m: missing.get(m, {}) for m in packable},
             "excluded": excluded,
             "report": str(report_path),
+            # which results were packed: a clip redone (--redo, or changed sources) re-packs
+            "results": {m: work.results_digest(m, [c.id for c in clips]) for m in packable},
         }}
         updated = _publish(opts.store, work, splits, packable, dims, record, opts.engine.progress)
     return Summary(len(clips), done, missing, excluded, opts.store, updated)

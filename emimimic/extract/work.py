@@ -5,13 +5,17 @@ Layout::
     WORK/<modality>/{id}.npy          float32 [T, D] features of one clip (visual, audio, text)
     WORK/asr/{id}.txt                 the speech recogniser's transcript of one clip
     WORK/failures/<stage>/{id}.json   {"reason", "detail"}: why the clip has no data for the stage
+    WORK/sources/<stage>/{id}.json    the fingerprints of the source files the result was made from
     WORK/provenance/<stage>.json      how the stage's results were made (model, weights, layer...)
     WORK/transcripts.csv              ``Filename,transcript``: readable, correctable, re-usable
     WORK/report.csv                   ``Filename,split,modality,reason,detail``: every missing item
     WORK/splits/<split>.csv           the split CSVs given to ``pack`` (clips with no data dropped)
 
 Every file is written to a temporary name and renamed into place, so a killed run never leaves a
-half-written clip, and a clip with a result (or a recorded failure) is done.
+half-written clip, and a clip with a result (or a recorded failure) is done — unless its source
+files (the video, the audio file, the face crops) changed since the result was made: each result
+records the fingerprints of its sources (name, size, mtime, a hash of the file's ends), written
+before the result, and a result whose recorded sources differ from today's is redone.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from emimimic.data.store import normalise_id
 from emimimic.data.store.format import safe_name
 from emimimic.errors import UserError
 from emimimic.extract.media import Failure
-from emimimic.files import write_atomic
+from emimimic.files import file_fingerprint, write_atomic
 
 TRANSCRIPT_COLUMN = "transcript"
 REPORT_HEADER = (ID_COLUMN, "split", "modality", "reason", "detail")
@@ -100,12 +104,56 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[str]]) 
     write_atomic(path, buf.getvalue().encode("utf-8"))
 
 
+def source_fingerprints(files: Sequence[Path]) -> list[list[Any]]:
+    """Returns the fingerprints of a clip's source files (empty for none)."""
+    out = []
+    for path in files:
+        try:
+            out.append(file_fingerprint(path))
+        except OSError as err:
+            raise UserError(f"{path}: cannot read the source file ({err.strerror})") from None
+    return out
+
+
 class WorkFolder:
     """Per-clip results of every stage under one folder (see the module docstring)."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        #: stage -> clip -> the fingerprints its result must have been made from
+        self._sources: dict[str, dict[str, Any]] = {}
+
+    def track_sources(self, stage: str, sources: Mapping[str, Any]) -> list[str]:
+        """Sets the source fingerprints each clip's result of ``stage`` must be made from;
+        returns the clips whose results were made from other sources (no longer done).
+
+        A result with no recorded sources (made by emimimic 0.1) is taken as it is.
+        """
+        self._sources[stage] = dict(sources)
+        return [clip for clip in sources
+                if self._has_result(stage, clip) and not self._same_sources(stage, clip)]
+
+    def sources_file(self, stage: str, clip: str) -> Path:
+        """Returns where the source fingerprints of a clip's result of ``stage`` live."""
+        return self.root / "sources" / stage / f"{clip}.json"
+
+    def _same_sources(self, stage: str, clip: str) -> bool:
+        if clip not in self._sources.get(stage, {}):
+            return True  # the stage's sources are not tracked (text: its transcript is)
+        path = self.sources_file(stage, clip)
+        if not path.is_file():
+            return True
+        return json.loads(path.read_text(encoding="utf-8")) == self._sources[stage][clip]
+
+    def _record_sources(self, stage: str, clip: str) -> None:
+        # before the result: a result on disk always has its sources recorded
+        if clip in self._sources.get(stage, {}):
+            write_atomic(self.sources_file(stage, clip),
+                         json.dumps(self._sources[stage][clip]).encode("utf-8"))
+
+    def _has_result(self, stage: str, clip: str) -> bool:
+        return self.result_file(stage, clip).is_file() or self.failure_file(stage, clip).is_file()
 
     def folder(self, stage: str) -> Path:
         """Returns the folder of a stage's per-clip results."""
@@ -120,24 +168,39 @@ class WorkFolder:
         return self.root / "failures" / stage / f"{clip}.json"
 
     def done(self, stage: str, clip: str) -> bool:
-        """Returns whether the clip has a result or a recorded failure for ``stage``."""
-        return self.result_file(stage, clip).is_file() or self.failure_file(stage, clip).is_file()
+        """Returns whether the clip has a result or a recorded failure for ``stage``, made from
+        the sources it has now (see :meth:`track_sources`)."""
+        return self._has_result(stage, clip) and self._same_sources(stage, clip)
+
+    def results_digest(self, stage: str, clips: Sequence[str]) -> str:
+        """Returns a digest of the clips' results of ``stage`` as they are on disk (each file's
+        size and mtime): it changes when any clip is redone."""
+        h = hashlib.sha256()
+        for clip in clips:
+            for path in (self.result_file(stage, clip), self.failure_file(stage, clip)):
+                if path.is_file():
+                    stat = path.stat()
+                    h.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+        return h.hexdigest()
 
     def save_features(self, stage: str, clip: str, features: np.ndarray) -> None:
         """Writes a clip's [T, D] float32 features (and drops any earlier failure record)."""
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(features, dtype=np.float32), allow_pickle=False)
+        self._record_sources(stage, clip)
         write_atomic(self.result_file(stage, clip), buf.getvalue())
         self.failure_file(stage, clip).unlink(missing_ok=True)
 
     def save_transcript(self, clip: str, text: str) -> None:
         """Writes a clip's transcript (UTF-8)."""
+        self._record_sources("asr", clip)
         write_atomic(self.result_file("asr", clip), text.encode("utf-8"))
         self.failure_file("asr", clip).unlink(missing_ok=True)
 
     def save_failure(self, stage: str, clip: str, failure: Failure) -> None:
         """Records why a clip has no result for ``stage``."""
         record = {"reason": failure.reason, "detail": failure.detail}
+        self._record_sources(stage, clip)
         write_atomic(self.failure_file(stage, clip), json.dumps(record).encode("utf-8"))
         self.result_file(stage, clip).unlink(missing_ok=True)
 
@@ -168,4 +231,5 @@ class WorkFolder:
         """Removes every result, failure and the provenance of a stage (to redo it)."""
         shutil.rmtree(self.folder(stage), ignore_errors=True)
         shutil.rmtree(self.root / "failures" / stage, ignore_errors=True)
+        shutil.rmtree(self.root / "sources" / stage, ignore_errors=True)
         (self.root / "provenance" / f"{stage}.json").unlink(missing_ok=True)
