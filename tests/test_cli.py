@@ -295,6 +295,11 @@ def _main_error(capsys, *argv: str) -> str:
         ("unknown fusion", "fusion 'foo' is not a built-in fusion (average, concat, gated, "
                             "text_query) nor a class path"),
         ("existing destination", "destination already exists"),
+        # Lightning's own optimizer options are off: AdamW + cosine cannot be silently replaced
+        ("lightning optimizer", "unrecognized arguments: --optimizer Adam"),
+        ("lightning scheduler", "unrecognized arguments: --lr_scheduler StepLR"),
+        # an option prefix is an unknown option, not max_epochs
+        ("option prefix", "unrecognized arguments: --trainer.max_epoch 1"),
     ],
 )
 def test_user_errors_print_one_line_and_exit_2(case, expected, store, tmp_path, capsys):
@@ -309,6 +314,11 @@ def test_user_errors_print_one_line_and_exit_2(case, expected, store, tmp_path, 
         "unknown fusion": ["fit", "-c", QUICKSTART, "--data.store", store,
                            "--model.network.fusion", "foo"],
         "existing destination": ["synth", store],
+        **{case: ["fit", "-c", QUICKSTART, "--data.store", store, "--trainer.default_root_dir",
+                  str(tmp_path / "run"), *extra.split()]
+           for case, extra in [("lightning optimizer", "--optimizer Adam"),
+                               ("lightning scheduler", "--lr_scheduler StepLR"),
+                               ("option prefix", "--trainer.max_epoch 1")]},
     }[case]
     lines = [line for line in _main_error(capsys, *argv).splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in lines[0], lines
