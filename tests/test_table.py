@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from PIL import Image
 from scipy import stats as sps
 from support.reference import QUICKSTART
 
+from emimimic.cli import cli_main
 from emimimic.constants import EMOTIONS
 from emimimic.data.store import FeatureStore
 from emimimic.data.synth import synth
@@ -113,6 +116,15 @@ def test_table_two_rows_two_seeds(tmp_path, capsys, monkeypatch):
         assert row.best_epoch in (0, 1)
     for name in rows:
         assert table.loc[table.config == name, "mean_pearson"].nunique() == 2  # seeds differ
+    # a CONFIG+OVERLAY row trains what `fit -c BASE -c CONFIG -c OVERLAY` resolves
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.suppress(SystemExit):
+        cli_main(["fit", "-c", str(QUICKSTART), "-c", str(concat), "-c", str(average),
+                  "--data.store", str(store), "--print_config"])
+    direct = yaml.safe_load(printed.getvalue())
+    overlaid = yaml.safe_load(next((out / "concat+average-seed0").glob("logs/*/config.yaml"))
+                              .read_text())
+    assert overlaid["model"] == direct["model"] and overlaid["data"] == direct["data"]
 
     # table.md: the paper's layout, mean ± std over seeds, the reference and the intervals
     md = (out / "table.md").read_text()
