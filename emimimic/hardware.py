@@ -2,7 +2,8 @@
 
 ``auto_precision`` is what ``emimimic fit`` uses when the config leaves ``trainer.precision``
 null, and ``emimimic extract`` when ``--engine.precision auto``; ``auto_workers`` what the data
-module uses when ``num_workers`` is null. Both say why in one line.
+module uses when ``num_workers`` is null. Both say why in one line. ``side_by_side_env`` is
+the environment of runs that ``table --jobs`` and ``tune --workers`` start side by side.
 """
 
 from __future__ import annotations
@@ -54,10 +55,22 @@ def auto_precision(accelerator: str = "auto") -> tuple[str, str]:
                        "bfloat16 would be emulated, several times slower than float32")
 
 
+def side_by_side_env(jobs: int) -> dict[str, str] | None:
+    """Returns the environment of a child run started beside ``jobs - 1`` others: each gets an
+    equal share of the cores as its CPU threads (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``), so
+    that the runs do not oversubscribe the machine (on 2 cores, a 12-epoch trial of two run side
+    by side took 331 s with 2 threads each, 42 s with 1, and scored the same). None (inherit as
+    it is) for a single run, or where the user set ``OMP_NUM_THREADS``."""
+    if jobs <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
 def auto_workers(limit: int = 4) -> int:
     """Returns the DataLoader workers that fit this machine: at most ``limit``, and one core
     left for the main process (which reads the batches)."""
     return max(0, min(limit, (os.cpu_count() or 1) - 1))
 
 
-__all__ = ["BF16_FLAGS", "auto_precision", "auto_workers", "cpu_bf16_flags"]
+__all__ = ["BF16_FLAGS", "auto_precision", "auto_workers", "cpu_bf16_flags", "side_by_side_env"]

@@ -54,3 +54,35 @@ def test_the_data_module_never_asks_for_more_workers_than_cores(monkeypatch, dem
     assert EMIDataModule(str(demo_store), num_workers=None).num_workers == 1
     assert EMIDataModule(str(demo_store), num_workers=8).num_workers == 2
     assert EMIDataModule(str(demo_store), num_workers=0).num_workers == 0
+
+
+@pytest.mark.parametrize(("cores", "jobs", "threads"), [(2, 2, "1"), (8, 3, "2"), (2, 4, "1"),
+                                                        (16, 2, "8")])
+def test_runs_side_by_side_share_the_cores(monkeypatch, cores, jobs, threads):
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    env = hardware.side_by_side_env(jobs)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == threads
+    assert env["PATH"] == os.environ["PATH"]  # the rest of the environment is kept
+    assert hardware.side_by_side_env(1) is None  # one run: inherited as it is
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own choice wins
+    assert hardware.side_by_side_env(jobs) is None
+
+
+def test_a_run_folder_starts_its_commands_with_its_share_of_the_cores(monkeypatch, tmp_path):
+    """The environment reaches the child process that ``table --jobs`` and ``tune --workers``
+    start (through ``run_logged``), and is not part of the run's identity."""
+    import sys
+
+    from emimimic.experiments.runs import RunFolder, run_logged
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    one, two = (RunFolder([], 0, tmp_path / "run", side_by_side=n) for n in (1, 2))
+    assert one.identity() == two.identity()
+    log = tmp_path / "child.log"
+    show = [sys.executable, "-c", "import os; print('threads', os.environ.get('OMP_NUM_THREADS'))"]
+    run_logged(show, log, "show", tmp_path, two.env())
+    run_logged(show, log, "show", tmp_path, one.env())
+    assert [line for line in log.read_text().splitlines() if line.startswith("threads")] == [
+        "threads 2", "threads None"]

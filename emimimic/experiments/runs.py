@@ -75,8 +75,9 @@ def resolve_settings(configs: Sequence[str | Path], overrides: Sequence[str],
     return yaml.safe_load(printed.getvalue()) or {}
 
 
-def run_logged(cmd: list[str], log: Path, what: str, folder: Path) -> None:
-    """Runs ``cmd`` with its output appended to ``log``.
+def run_logged(cmd: list[str], log: Path, what: str, folder: Path,
+               env: dict[str, str] | None = None) -> None:
+    """Runs ``cmd`` (in ``env``, None: this process's) with its output appended to ``log``.
 
     Raises:
         UserError: the command failed (its last line and the log are named).
@@ -85,7 +86,7 @@ def run_logged(cmd: list[str], log: Path, what: str, folder: Path) -> None:
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0:
         lines = [line for line in log.read_text().splitlines() if line.strip()]
         raise UserError(f"{folder.name}: `emimimic {what}` failed (exit {rc}): "
@@ -103,6 +104,8 @@ class RunFolder:
         folder: ``--trainer.default_root_dir``.
         overrides: further options of every command of the run.
         record: extra entries of ``run.json`` that identify the run's settings.
+        side_by_side: runs started at the same time as this one (it included); each gets an
+            equal share of the CPU cores as its threads (not part of the run's identity).
     """
 
     configs: list[Path]
@@ -110,6 +113,13 @@ class RunFolder:
     folder: Path
     overrides: list[str] = field(default_factory=list)
     record: dict = field(default_factory=dict)
+    side_by_side: int = 1
+
+    def env(self) -> dict[str, str] | None:
+        """Returns the environment of the run's commands (None: this process's)."""
+        from emimimic.hardware import side_by_side_env
+
+        return side_by_side_env(self.side_by_side)
 
     @property
     def checkpoints(self) -> Path:
@@ -181,7 +191,7 @@ class RunFolder:
         start = time.perf_counter()
         run_logged(cli("fit", *self.common_args(), *extra,
                        *(["--ckpt_path", resume] if resume else [])),
-                   self.folder / "fit.log", "fit", self.folder)
+                   self.folder / "fit.log", "fit", self.folder, self.env())
         self.add_seconds("fit", time.perf_counter() - start)
         write_atomic(self.folder / FIT_DONE, time.strftime("%Y-%m-%dT%H:%M:%S\n"))
         return "started" if resume is None else "resumed"
@@ -194,7 +204,7 @@ class RunFolder:
         start = time.perf_counter()
         run_logged(cli("predict", *self.common_args(), *extra, "--ckpt_path", ckpt,
                        "--data.predict_split", split, "--submission.path", str(out)),
-                   self.folder / "predict.log", "predict", self.folder)
+                   self.folder / "predict.log", "predict", self.folder, self.env())
         self.add_seconds(f"predict {split}", time.perf_counter() - start)
         return out
 

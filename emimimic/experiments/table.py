@@ -77,8 +77,9 @@ class TableOptions:
             demo store).
         seeds: seeds per row.
         first_seed: seeds are first_seed .. first_seed + seeds - 1.
-        jobs: runs trained side by side (e.g. one per GPU, or several small CPU runs with
-            OMP_NUM_THREADS=1).
+        jobs: runs trained side by side (e.g. one per GPU, or several small CPU runs); each
+            run gets an equal share of the CPU cores as its threads unless OMP_NUM_THREADS is
+            set.
         out: folder of the runs and the outputs.
         split: labelled split predicted and scored.
         reference: row the others are compared with (default: the first row).
@@ -292,7 +293,7 @@ def run_table(opts: TableOptions) -> pd.DataFrame:
                             "rows of one table must be scored on the same clips")
     seeds = list(range(opts.first_seed, opts.first_seed + opts.seeds))
     runs = [Run([Path(opts.base), *rows[name]], seed, opts.out / f"{name}-seed{seed}",
-                overrides, {"split": opts.split}, row=name)
+                overrides, {"split": opts.split}, side_by_side=opts.jobs, row=name)
             for name in rows for seed in seeds]
     for run in runs:  # every conflict before any training
         run.check()

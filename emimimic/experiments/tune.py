@@ -90,7 +90,8 @@ class TuneOptions:
             categorical, low, high, step, choices} (see the module docstring).
         trials: finished (complete or pruned) trials the study should have, over every worker,
             process and node.
-        workers: trials this process runs side by side.
+        workers: trials this process runs side by side (each with an equal share of the CPU
+            cores as its threads, unless OMP_NUM_THREADS is set).
         out: folder of the study: its journal, the trial folders, best.yaml and the plots.
         storage: Optuna storage URL that processes on many nodes share (postgresql://...,
             mysql://..., sqlite:///...); default a journal file in out.
@@ -316,7 +317,8 @@ class Search:
         folder = self.out / f"trial-{int(trial.user_attrs['run']):04d}"
         return RunFolder(configs, self.opts.seed, folder,
                          [*self.opts.overrides, *as_overrides(params)],
-                         {"study": self.name, "params": params})
+                         {"study": self.name, "params": params},
+                         side_by_side=self.opts.workers)
 
     def run(self, trial: Any) -> tuple[str, float | None, Path]:
         """Runs one trial's fit, reporting its epochs; returns (state, value, folder)."""
@@ -339,7 +341,7 @@ class Search:
             log.write(f"\n$ {' '.join(cmd)}\n")
             log.flush()
             child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=_die_with_parent, env=run.env())
             pruned, beat, running = False, time.time(), True
             while running:
                 running = child.poll() is None  # then one more look at the last reports
