@@ -70,9 +70,9 @@ def main() -> None:
             *[a for k, v in counts.items() for a in (f"--counts.{k}", v)])
     space = out / "space.yaml"
     space.write_text(SPACE)
-    walls[f"tune ({args.trials} trials, 2 workers)"] = emimimic(
+    walls[f"tune ({args.trials} trials, {args.jobs} workers)"] = emimimic(
         "tune", base, final, "--space", str(space), "--trials", str(args.trials), "--workers",
-        "2", "--out", str(out / "tune"), "--data.store", str(store), *quiet)
+        str(args.jobs), "--out", str(out / "tune"), "--data.store", str(store), *quiet)
     refit = out / "tune" / "refit.yaml"
     best = out / "tuned.yaml"  # the table names the row after the file
     shutil.copy(out / "tune" / "best.yaml", best)
@@ -81,7 +81,7 @@ def main() -> None:
     from emimimic.experiments.runs import RunFolder
 
     folders = [RunFolder([Path(base), best, refit], seed, out / "refit" / f"seed{seed}",
-                         quiet) for seed in range(args.seeds)]
+                         quiet, side_by_side=args.jobs) for seed in range(args.seeds)]
 
     def fit(run: RunFolder) -> None:
         run.claim()
