@@ -41,6 +41,19 @@ def test_split_argv_passes_dotted_options_and_the_rest_after_dashes():
             split_argv(["a.yaml", option, "X"])
 
 
+def test_only_runs_validated_on_the_scored_split_are_checked_against_their_val_pearson():
+    """Scored on test, a run's Pearson and its best checkpoint's val/pearson measure different
+    clips: no note; on the split it validated on they must agree (a fold or a refit did not)."""
+    from emimimic.experiments.table import _validated_on
+
+    settings = {"plain": {"data": {"val_split": "valid"}}, "default": {"data": {}},
+                "folded": {"data": {"val_split": "valid", "folds": 5, "fold": 0}},
+                "refit": {"data": {"refit": True}}, "other": {"data": {"val_split": "dev"}}}
+    assert _validated_on(settings, "valid") == {"plain", "default"}
+    assert _validated_on(settings, "test") == set()
+    assert _validated_on(settings, "dev") == {"other"}
+
+
 def test_refuses_rows_it_cannot_name(tmp_path):
     for folder in ("x", "y"):
         (tmp_path / folder).mkdir()

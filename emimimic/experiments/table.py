@@ -186,14 +186,28 @@ def protocol(settings: dict) -> str:
             f"{trainer.get('precision')}, {name}" + (f" lr {lr:g}" if lr is not None else ""))
 
 
+def _validated_on(settings: dict[str, dict], split: str) -> set[str]:
+    """Returns the rows whose runs select their best checkpoint on ``split`` itself (their
+    ``val/pearson`` is then the score of their predictions of it)."""
+    rows = set()
+    for name, resolved in settings.items():
+        data = resolved.get("data") or {}
+        if (data.get("val_split", "valid") == split and not data.get("folds")
+                and not data.get("refit")):
+            rows.add(name)
+    return rows
+
+
 def _score(runs: Sequence[Run], names: Sequence[str], ids: Sequence[str], labels: np.ndarray,
            targets: Sequence[str], reference: str, opts: TableOptions,
-           fixed: dict[str, Path], seed_means: dict[str, str]
+           fixed: dict[str, Path], seed_means: dict[str, str], validated: set[str]
            ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Returns the per-run table and the per-row summary with the bootstrap intervals.
 
     ``fixed`` rows are prediction files (ensembles) scored as they are, one "run" each;
-    ``seed_means`` rows are the mean prediction of a config row's seeds.
+    ``seed_means`` rows are the mean prediction of a config row's seeds; a run of a
+    ``validated`` row whose score differs from its best checkpoint's ``val/pearson`` gets a note
+    (on any other split the two measure different clips).
     """
     rows, preds = [], {name: [] for name in names}
 
@@ -223,7 +237,8 @@ def _score(runs: Sequence[Run], names: Sequence[str], ids: Sequence[str], labels
             add(name, p, run.folder.name, seed=run.seed, run=str(run.folder), best_epoch=epoch,
                 fit_val_pearson=fit_score, wall_s=sum(run.timing().values()) or math.nan)
             scored = rows[-1]["mean_pearson"]
-            if math.isfinite(fit_score) and abs(fit_score - scored) > SCORE_TOLERANCE:
+            if (name in validated and math.isfinite(fit_score)
+                    and abs(fit_score - scored) > SCORE_TOLERANCE):
                 print(f"note: {run.folder.name}: mean Pearson of its predictions {scored:.4f} "
                       f"differs from the val/pearson {fit_score:.4f} of its best checkpoint",
                       flush=True)
@@ -305,7 +320,7 @@ def run_table(opts: TableOptions) -> pd.DataFrame:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         table, summary = _score(runs, names, ids, labels, targets, reference, opts, fixed,
-                                seed_means)
+                                seed_means, _validated_on(settings, opts.split))
     for message in dict.fromkeys(str(w.message) for w in caught):
         print(f"note: bootstrap: {message}", flush=True)
 
