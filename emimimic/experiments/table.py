@@ -135,25 +135,31 @@ class Progress:
                 eta = f"; about {minutes:.0f} min left for {left} run(s)" if minutes >= 1 else (
                     f"; under a minute left for {left} run(s)")
             epoch, score = best_of(run.checkpoints)
-            print(f"{label} {run.folder.name}: done in {seconds:.0f} s, best val/pearson "
-                  f"{score:.4f} at epoch {epoch}{eta}", flush=True)
+            say(f"{label} {run.folder.name}: done in {seconds:.0f} s, best val/pearson "
+                f"{score:.4f} at epoch {epoch}{eta}")
+
+
+def say(line: str) -> None:
+    """Prints a line in one write, so that lines of runs finishing together never interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def execute(run: Run, label: str, split: str, progress: Progress) -> None:
     """Fits (or resumes) and predicts one run as needed, printing what it does."""
     run.claim()
     if run.predictions(split).is_file():
-        print(f"{label} {run.folder.name}: skipped (predictions exist)", flush=True)
+        say(f"{label} {run.folder.name}: skipped (predictions exist)")
         progress.finished(label, run, sum(run.timing().values()), trained=False)
         return
     start = time.perf_counter()
     if not run.fitted:
         resuming = (run.checkpoints / "last.ckpt").is_file()
         how = "resumed from --ckpt_path last" if resuming else "started"
-        print(f"{label} {run.folder.name}: {how} (log: {run.folder / 'fit.log'})", flush=True)
+        say(f"{label} {run.folder.name}: {how} (log: {run.folder / 'fit.log'})")
         run.fit()
     else:
-        print(f"{label} {run.folder.name}: predicting (fit finished earlier)", flush=True)
+        say(f"{label} {run.folder.name}: predicting (fit finished earlier)")
     run.predict(split)
     progress.finished(label, run, time.perf_counter() - start, trained=True)
 
