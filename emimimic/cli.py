@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -54,6 +55,32 @@ class EMISaveConfig(SaveConfigCallback):
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
 
+def _lazy_callbacks() -> dict[str, tuple[type, Any]]:
+    """Returns ``{name: (class, lazy default instance)}`` of the standard callbacks.
+
+    ``jsonargparse.lazy_instance`` looks up its caller with ``inspect.stack()``, which reads the
+    source of every frame above it: inside LightningCLI's parser set-up (9 callbacks, 4
+    subcommands) that cost about 1 s of every command's start. The instances are made in a
+    short-lived thread, whose stack is a few frames deep; they are the same objects.
+    """
+    made: dict[str, tuple[type, Any]] = {}
+    failed: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            for name, (cls, kwargs) in standard_callbacks().items():
+                made[name] = (cls, lazy_instance(cls, **kwargs))
+        except BaseException as err:  # raised again in the caller's thread
+            failed.append(err)
+
+    thread = threading.Thread(target=make, name="emimimic-lazy-callbacks")
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return made
+
+
 class EMICLI(LightningCLI):
     """LightningCLI with EMI's callbacks, checkpoints that decide the model, and exact resume.
 
@@ -69,9 +96,9 @@ class EMICLI(LightningCLI):
         parser.link_arguments("data.dims", "model.dims", apply_on="instantiate")
         parser.link_arguments("data.targets", "model.targets", apply_on="instantiate")
         # the standard callbacks, one section each (``--ema.decay 0.99``, ``--dashboard null``)
-        for name, (cls, kwargs) in standard_callbacks().items():
+        for name, (cls, default) in _lazy_callbacks().items():
             parser.add_argument(f"--{name}", type=Optional[cls],  # noqa: UP045 (jsonargparse)
-                                default=lazy_instance(cls, **kwargs),
+                                default=default,
                                 help=f"standard callback {cls.__name__} (null: leave it out; "
                                      "see emimimic.training.default_callbacks)")
         parser.add_argument("--allow_untrained", type=bool, default=False,

@@ -87,3 +87,30 @@ def test_commands_that_train_nothing_import_neither_lightning_nor_torch(argv, de
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_cli_makes_its_callback_defaults_without_walking_a_deep_stack(monkeypatch, demo_store):
+    """``jsonargparse.lazy_instance`` reads the source of every frame above it; inside the
+    parser set-up of four subcommands that cost about 1 s of each command's start."""
+    import inspect
+
+    from emimimic.cli import cli_main
+
+    real, depths = inspect.stack, []
+
+    def counting(context: int = 1):
+        frames = real(context)
+        depths.append(len(frames))
+        return frames
+
+    monkeypatch.setattr(inspect, "stack", counting)
+    from emimimic.training.callbacks import standard_callbacks
+
+    cli = cli_main(["-c", str(REPO / "configs" / "quickstart.yaml"), "--data.store",
+                    str(demo_store)], run=False)
+    assert len(depths) >= len(standard_callbacks())  # one per standard callback
+    assert max(depths) <= 8, depths
+    # and they are the trainer's callbacks, each an instance of its class
+    made = [c for c in cli.trainer.callbacks
+            if any(isinstance(c, cls) for cls, _ in standard_callbacks().values())]
+    assert len(made) >= len(standard_callbacks()) - 1  # the W&B dashboard needs a W&B logger
