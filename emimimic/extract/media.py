@@ -86,6 +86,12 @@ def _first_stream(path: Path, container: Any, kind: str) -> Any:
     return streams[0]
 
 
+def audio_source(clip: str, audio_dir: Path | None, raw_dir: Path | None) -> Path | None:
+    """Returns the file a clip's audio is read from: ``audio_dir/{clip}.*`` if there, else the
+    video ``raw_dir/{clip}.*``; None for neither."""
+    return find_media(audio_dir, clip, AUDIO_SUFFIXES) or find_media(raw_dir, clip, VIDEO_SUFFIXES)
+
+
 def clip_audio(clip: str, audio_dir: Path | None, raw_dir: Path | None,
                rate: int = 16000) -> np.ndarray:
     """Returns a clip's mono audio at ``rate`` Hz: from ``audio_dir/{clip}.*`` if there, else
@@ -94,8 +100,7 @@ def clip_audio(clip: str, audio_dir: Path | None, raw_dir: Path | None,
     Raises:
         BadClip: ``missing_file`` (neither exists) or a decoding failure of :func:`decode_audio`.
     """
-    path = find_media(audio_dir, clip, AUDIO_SUFFIXES) or find_media(raw_dir, clip,
-                                                                     VIDEO_SUFFIXES)
+    path = audio_source(clip, audio_dir, raw_dir)
     if path is None:
         looked = [str(d) for d in (audio_dir, raw_dir) if d is not None]
         raise BadClip("missing_file", f"clip {clip}: no audio or video file in {looked}")
@@ -157,16 +162,21 @@ def decode_audio(path: Path, rate: int = 16000) -> np.ndarray:
     return samples
 
 
+def face_image_files(folder: Path) -> list[Path]:
+    """Returns the face crops ``folder/{k}.*`` (any image suffix), in order of ``k``."""
+    def order(p: Path) -> tuple[int, int | str]:
+        return (0, int(p.stem)) if p.stem.isdigit() else (1, p.stem)
+
+    return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=order)
+
+
 def read_face_images(folder: Path) -> list[np.ndarray]:
     """Returns the RGB face crops ``folder/{k}.jpg`` (any image suffix), in order of ``k``.
 
     Raises:
         BadClip: ``empty`` (no images), ``corrupt`` (an image that cannot be read).
     """
-    def order(p: Path) -> tuple[int, int | str]:
-        return (0, int(p.stem)) if p.stem.isdigit() else (1, p.stem)
-
-    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=order)
+    files = face_image_files(folder)
     if not files:
         raise BadClip("empty", f"{folder}: no face images ({'/'.join(IMAGE_SUFFIXES)})")
     images = []

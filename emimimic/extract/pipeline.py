@@ -34,10 +34,10 @@ from emimimic.extract.asr import ASROptions
 from emimimic.extract.audio import AudioOptions
 from emimimic.extract.engine import BadInput, EngineOptions, Stage, run_stage
 from emimimic.extract.media import (
-    AUDIO_SUFFIXES,
-    IMAGE_SUFFIXES,
     VIDEO_SUFFIXES,
     Failure,
+    audio_source,
+    face_image_files,
     find_media,
 )
 from emimimic.extract.text import TextOptions
@@ -176,12 +176,10 @@ def _source_files(stage: str, clip: str, opts: ExtractOptions) -> list[Path]:
     if stage == "visual":
         if opts.face_images is not None:
             folder = opts.face_images / clip
-            return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-                          ) if folder.is_dir() else []
+            return face_image_files(folder) if folder.is_dir() else []
         found = find_media(opts.raw, clip, VIDEO_SUFFIXES)
     else:  # audio and speech recognition read the same audio
-        found = (find_media(opts.audio_files, clip, AUDIO_SUFFIXES)
-                 or find_media(opts.raw, clip, VIDEO_SUFFIXES))
+        found = audio_source(clip, opts.audio_files, opts.raw)
     return [found] if found is not None else []
 
 

@@ -123,24 +123,28 @@ class WorkFolder:
         self.root.mkdir(parents=True, exist_ok=True)
         #: stage -> clip -> the fingerprints its result must have been made from
         self._sources: dict[str, dict[str, Any]] = {}
+        #: stage -> the clips whose results on disk were made from other sources
+        self._stale: dict[str, set[str]] = {}
 
     def track_sources(self, stage: str, sources: Mapping[str, Any]) -> list[str]:
         """Sets the source fingerprints each clip's result of ``stage`` must be made from;
         returns the clips whose results were made from other sources (no longer done).
 
-        A result with no recorded sources (made by emimimic 0.1) is taken as it is.
+        A result with no recorded sources (made by emimimic 0.1) is taken as it is. Stages whose
+        sources are not tracked (text: its transcript is) have every result done.
         """
         self._sources[stage] = dict(sources)
-        return [clip for clip in sources
-                if self._has_result(stage, clip) and not self._same_sources(stage, clip)]
+        stale = [clip for clip in sources
+                 if self._has_result(stage, clip) and not self._recorded(stage, clip)]
+        self._stale[stage] = set(stale)
+        return stale
 
     def sources_file(self, stage: str, clip: str) -> Path:
         """Returns where the source fingerprints of a clip's result of ``stage`` live."""
         return self.root / "sources" / stage / f"{clip}.json"
 
-    def _same_sources(self, stage: str, clip: str) -> bool:
-        if clip not in self._sources.get(stage, {}):
-            return True  # the stage's sources are not tracked (text: its transcript is)
+    def _recorded(self, stage: str, clip: str) -> bool:
+        """Returns whether the clip's recorded sources are today's (or none were recorded)."""
         path = self.sources_file(stage, clip)
         if not path.is_file():
             return True
@@ -151,6 +155,7 @@ class WorkFolder:
         if clip in self._sources.get(stage, {}):
             write_atomic(self.sources_file(stage, clip),
                          json.dumps(self._sources[stage][clip]).encode("utf-8"))
+            self._stale[stage].discard(clip)
 
     def _has_result(self, stage: str, clip: str) -> bool:
         return self.result_file(stage, clip).is_file() or self.failure_file(stage, clip).is_file()
@@ -170,7 +175,7 @@ class WorkFolder:
     def done(self, stage: str, clip: str) -> bool:
         """Returns whether the clip has a result or a recorded failure for ``stage``, made from
         the sources it has now (see :meth:`track_sources`)."""
-        return self._has_result(stage, clip) and self._same_sources(stage, clip)
+        return self._has_result(stage, clip) and clip not in self._stale.get(stage, ())
 
     def results_digest(self, stage: str, clips: Sequence[str]) -> str:
         """Returns a digest of the clips' results of ``stage`` as they are on disk (each file's
