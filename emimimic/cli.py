@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from emimimic.data.datamodule import EMIDataModule
 from emimimic.errors import UserError
+from emimimic.experiments.runs import fit_config
 from emimimic.hardware import auto_precision
 from emimimic.noise import quiet_dependencies
 from emimimic.training.callbacks import default_callbacks, standard_callbacks
@@ -205,17 +206,8 @@ class EMICLI(LightningCLI):
 
 def _trained_precision(ckpt_path: str) -> str | None:
     """Returns the precision the run of a checkpoint was trained in, as its saved fit config
-    (``logs/fit/config.yaml`` beside its ``checkpoints`` folder) gives it; None where unknown."""
-    config_file = Path(ckpt_path).parent.parent / "logs" / "fit" / "config.yaml"
-    if not config_file.is_file():
-        return None
-    import yaml
-
-    try:
-        saved = yaml.safe_load(config_file.read_text()) or {}
-    except yaml.YAMLError:
-        return None
-    precision = (saved.get("trainer") or {}).get("precision") if isinstance(saved, dict) else None
+    gives it; None where unknown."""
+    precision = ((fit_config(ckpt_path) or {}).get("trainer") or {}).get("precision")
     return str(precision) if precision is not None else None
 
 

@@ -45,7 +45,7 @@ from jsonargparse.typing import PositiveInt
 from emimimic.constants import ID_COLUMN
 from emimimic.errors import UserError
 from emimimic.experiments import stats
-from emimimic.experiments.runs import with_rows
+from emimimic.experiments.runs import fit_config, held_out, with_rows
 from emimimic.files import write_atomic
 
 #: Folds of the cross-fitting that keeps fitted weights off the clips they score.
@@ -216,15 +216,9 @@ def _group_key(checkpoint: Path, state: dict) -> tuple[str, str | None]:
     """
     data = {k: v for k, v in (state.get("datamodule_hyper_parameters") or {}).items()
             if not k.startswith("_")}
-    held = None if data.get("refit") else (
-        f"fold {data.get('fold')} of {data.get('folds')}" if data.get("folds")
-        else data.get("val_split", "valid"))
-    config_file = checkpoint.parent.parent / "logs" / "fit" / "config.yaml"
-    if config_file.is_file():
-        import yaml
-
-        config = yaml.safe_load(config_file.read_text()) or {}
-    else:
+    held = held_out(data)
+    config = fit_config(checkpoint)
+    if config is None:
         config = {"model": {k: v for k, v in (state.get("hyper_parameters") or {}).items()
                             if not k.startswith("_")}, "data": data}
     for section, keys in NOT_THE_MODEL.items():

@@ -24,6 +24,7 @@ import yaml
 from emimimic.commandline import check_config_file
 from emimimic.errors import UserError
 from emimimic.files import write_atomic
+from emimimic.hardware import side_by_side_env
 
 #: Marker written once a run's fit has returned successfully.
 FIT_DONE = "fit.done"
@@ -75,6 +76,30 @@ def resolve_settings(configs: Sequence[str | Path], overrides: Sequence[str],
     return yaml.safe_load(printed.getvalue()) or {}
 
 
+def fit_config(checkpoint: str | Path) -> dict | None:
+    """Returns the resolved config of the fit that wrote a checkpoint, as ``emimimic fit`` saved
+    it (``logs/fit/config.yaml`` beside the ``checkpoints`` folder); None where there is none or
+    it cannot be read."""
+    file = Path(checkpoint).parent.parent / "logs" / "fit" / "config.yaml"
+    if not file.is_file():
+        return None
+    try:
+        saved = yaml.safe_load(file.read_text())
+    except yaml.YAMLError:
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def held_out(data: dict) -> str | None:
+    """Returns the clips a run with these ``data`` settings validated on: its validation split,
+    ``fold k of K`` of a cross-validated run, None for a refit (it validated on nothing)."""
+    if data.get("refit"):
+        return None
+    if data.get("folds"):
+        return f"fold {data.get('fold')} of {data.get('folds')}"
+    return data.get("val_split", "valid")
+
+
 def run_logged(cmd: list[str], log: Path, what: str, folder: Path,
                env: dict[str, str] | None = None) -> None:
     """Runs ``cmd`` (in ``env``, None: this process's) with its output appended to ``log``.
@@ -117,8 +142,6 @@ class RunFolder:
 
     def env(self) -> dict[str, str] | None:
         """Returns the environment of the run's commands (None: this process's)."""
-        from emimimic.hardware import side_by_side_env
-
         return side_by_side_env(self.side_by_side)
 
     @property
@@ -310,5 +333,5 @@ def expand_rows(rows: Sequence[str]) -> dict[str, list[Path]]:
 
 
 __all__ = ["FIT_DONE", "RUN_OPTIONS", "RunFolder", "check_overrides", "cli", "config_args",
-           "expand_rows", "row_name", "with_rows",
+           "expand_rows", "fit_config", "held_out", "row_name", "with_rows",
            "resolve_settings", "run_logged", "split_argv"]

@@ -52,6 +52,7 @@ from emimimic.experiments.runs import (
     RunFolder,
     check_overrides,
     expand_rows,
+    held_out,
     resolve_settings,
     row_name,
     with_rows,
@@ -195,13 +196,8 @@ def protocol(settings: dict) -> str:
 def _validated_on(settings: dict[str, dict], split: str) -> set[str]:
     """Returns the rows whose runs select their best checkpoint on ``split`` itself (their
     ``val/pearson`` is then the score of their predictions of it)."""
-    rows = set()
-    for name, resolved in settings.items():
-        data = resolved.get("data") or {}
-        if (data.get("val_split", "valid") == split and not data.get("folds")
-                and not data.get("refit")):
-            rows.add(name)
-    return rows
+    return {name for name, resolved in settings.items()
+            if held_out(resolved.get("data") or {}) == split}
 
 
 def _score(runs: Sequence[Run], names: Sequence[str], ids: Sequence[str], labels: np.ndarray,
