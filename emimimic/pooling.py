@@ -181,9 +181,20 @@ class Windows:
         One [B, W] x [W, H] matmul with the windows' weights: faster than a scatter in every
         dtype, and exact for the weights (multiples of 1/128) in float32 and bfloat16.
         """
+        return self._per_clip(values, self.weight.to(values.dtype))
+
+    def sum(self, values: Tensor) -> Tensor:
+        """Returns the per-clip sum [B, H] of per-window ``values`` [W, H] (as :meth:`mean`)."""
+        return self._per_clip(values, values.new_ones(()).expand(self.first.shape[0]))
+
+    def uses(self) -> Tensor:
+        """Returns int64 [W]: how many of its clip's 128 steps use each window (0 if absent)."""
+        return (self.weight * STEPS).round_().to(torch.int64).masked_fill_(self.absent, 0)
+
+    def _per_clip(self, values: Tensor, weight: Tensor) -> Tensor:
         count = self.first.shape[0]
         share = values.new_zeros(self.step.shape[0], count)
-        share[self.clip, torch.arange(count, device=values.device)] = self.weight.to(share.dtype)
+        share[self.clip, torch.arange(count, device=values.device)] = weight
         return share @ values
 
 

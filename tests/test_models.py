@@ -330,7 +330,9 @@ def gradients(net: EMINetwork, out) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(("fusion", "pooling", "temporal", "vad"), VARIANTS, ids=VARIANT_IDS)
 def test_compact_training_gradients_equal_the_dense_path(odd_batch, fusion, pooling, temporal,
-                                                         vad):
+                                                         vad, monkeypatch):
+    # per-step masks in both paths (the per-window draw: test_dropout.py)
+    monkeypatch.setattr(ModalityBranch, "window_dropout", False)
     torch.manual_seed(1)
     net = net_of(ODD_DIMS, fusion=fusion, pooling=pooling, temporal=temporal, vad=vad,
                  hidden=32).train()
@@ -347,8 +349,11 @@ def test_compact_training_gradients_equal_the_dense_path(odd_batch, fusion, pool
         torch.testing.assert_close(got[name], g, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_different_dropout_masks_give_different_gradients(odd_batch):
+@pytest.mark.parametrize("window_dropout", [False, True])
+def test_different_dropout_masks_give_different_gradients(odd_batch, window_dropout,
+                                                         monkeypatch):
     # the equality above depends on the seed: without it the two paths would differ
+    monkeypatch.setattr(ModalityBranch, "window_dropout", window_dropout)
     net = net_of(ODD_DIMS, hidden=32).train()
     torch.manual_seed(3)
     a = gradients(net, net(odd_batch))

@@ -8,6 +8,8 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
+from emimimic.constants import STEPS
+from emimimic.models.dropout import Dropout, keep_counts
 from emimimic.models.projector import norm_linear
 from emimimic.pooling import Windows
 
@@ -94,10 +96,10 @@ class TemporalEnhancer(nn.Module):
         self.conv = nn.Sequential(
             nn.Conv1d(hidden, hidden, kernel_size=3, padding=1),
             nn.GELU(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Conv1d(hidden, hidden, kernel_size=3, padding=1),
             nn.GELU(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
         )
         self.norm = nn.LayerNorm(hidden)
         self.gru = nn.GRU(
@@ -126,7 +128,7 @@ def regression_head(in_dim: int, hidden: int, num_targets: int, dropout: float) 
         nn.LayerNorm(in_dim),
         nn.Linear(in_dim, hidden),
         nn.GELU(),
-        nn.Dropout(dropout),
+        Dropout(dropout),
         nn.Linear(hidden, num_targets),
         nn.Sigmoid(),
     )
@@ -154,6 +156,14 @@ class ModalityBranch(nn.Module):
         dropout: Dropout probability used throughout the branch.
     """
 
+    #: With mean pooling and nothing between the projector and the pooling (no temporal block,
+    #: no VAD pathway), training on the CPU draws the projector's dropout as one
+    #: ``Binomial(n, 1 - p)`` count per distinct window and element, n the steps that use the
+    #: window (:func:`~emimimic.models.dropout.keep_counts`): the pooled value has the same
+    #: distribution as with a mask per step, without the ``[B, 128, H]`` steps. ``False`` draws
+    #: a mask per step, as :meth:`forward_dense` does (the same values for the same seed).
+    window_dropout: bool = True
+
     def __init__(self, in_dim: int, num_targets: int, hidden: int = 256,
                  pooling: Pooling = "mean", temporal: bool = False, dropout: float = 0.2) -> None:
         super().__init__()
@@ -169,7 +179,7 @@ class ModalityBranch(nn.Module):
             nn.LayerNorm(in_dim),
             nn.Linear(in_dim, hidden),
             nn.GELU(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
         )
         self.temporal = TemporalEnhancer(hidden, dropout) if temporal else None
         self.pool: nn.Module = MeanPooling()
@@ -214,6 +224,12 @@ class ModalityBranch(nn.Module):
         mixed = rows.dtype == torch.float16 and torch.is_autocast_enabled(rows.device.type)
         x = win.gather(rows, rows.dtype if mixed else linear.weight.dtype)
         h = act(norm_linear(x, norm, linear))  # each distinct window projected once
+        if self.training and self._drops_by_window(rows, keep_steps):
+            # mean pooling right after the dropout: the pooled value depends on each window's
+            # number of steps that keep an element, one Binomial draw per window and element
+            keep = 1.0 - drop.p
+            counts = self.keep_counts(win, keep, h.shape[1]).mul_(1.0 / (STEPS * keep))
+            return self._finish(win.sum(h * counts.to(h.dtype)), None, present)
         if (self.training or keep_steps or self.temporal is not None
                 or not isinstance(self.pool, MeanPooling)):
             # dropout after the gather, so each step gets its own mask as on a dense input
@@ -223,6 +239,17 @@ class ModalityBranch(nn.Module):
             return self._finish(self.pool(seq), vad, present, seq if keep_steps else None)
         h, vad = self.condition_windows(h, win)
         return self._finish(win.mean(h), vad, present)
+
+    def _drops_by_window(self, rows: Tensor, keep_steps: bool) -> bool:
+        """Whether training draws the projector's dropout per window (:attr:`window_dropout`)."""
+        return (self.window_dropout and rows.device.type == "cpu" and not keep_steps
+                and self.temporal is None and type(self.pool) is MeanPooling
+                and type(self).condition is ModalityBranch.condition
+                and 0.0 < self.projector[3].p < 1.0)
+
+    def keep_counts(self, win: Windows, keep: float, width: int) -> Tensor:
+        """Returns float32 ``[W, width]``: of each window's steps, how many keep each element."""
+        return keep_counts(win.uses(), keep, width)
 
     def forward_dense(self, x: Tensor, present: Tensor | None = None,
                       keep_steps: bool = False) -> BranchOutput:
@@ -276,7 +303,7 @@ class AudioVADBranch(ModalityBranch):
             nn.LayerNorm(hidden),
             nn.Linear(hidden, hidden // 2),
             nn.GELU(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Linear(hidden // 2, 3),
             nn.Sigmoid(),
         )
@@ -284,7 +311,7 @@ class AudioVADBranch(ModalityBranch):
             nn.LayerNorm(hidden + 3),
             nn.Linear(hidden + 3, hidden),
             nn.GELU(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
         )
 
     def condition(self, seq: Tensor) -> tuple[Tensor, Tensor | None]:

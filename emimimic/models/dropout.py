@@ -1,11 +1,35 @@
-"""Modality dropout: in training, clips lose whole modalities, as if the data were absent."""
+"""Dropout of elements (:class:`Dropout`) and of whole modalities (:func:`drop_modalities`).
+
+Modality dropout: in training, clips lose whole modalities, as if the data were absent.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with a mask that costs a third as much on the CPU.
+
+    The CPU kernel of ``nn.Dropout`` draws its mask with ``bernoulli_``: 7.8 ms for one
+    ``[32, 128, 256]`` step tensor on two cores, and a training step of the paper's model has
+    four of them. ``torch.rand(shape) < 1 - p`` draws the same mask (each element kept
+    independently with probability ``1 - p``, to float32's resolution of 2**-24, from torch's
+    generator, so seeding and resuming work as before) in 3.0 ms. Kept elements are scaled by
+    ``1 / (1 - p)`` as in ``nn.Dropout``. Other devices use the stock fused kernel; evaluation,
+    ``p = 0`` and ``p = 1`` are the stock module's.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        keep = 1.0 - self.p
+        if not self.training or x.device.type != "cpu" or self.inplace or keep in (0.0, 1.0):
+            return super().forward(x)
+        mask = torch.rand(x.shape, device=x.device) < keep
+        return x * mask.to(x.dtype).mul_(1.0 / keep)
 
 
 def drop_modalities(present: Mapping[str, Tensor], rates: Mapping[str, float],
@@ -36,3 +60,61 @@ def drop_modalities(present: Mapping[str, Tensor], rates: Mapping[str, float],
                                        len(names)).to(torch.bool)
     kept = mask & (~drop | (keep & lost[:, None]))
     return {m: kept[:, i] for i, m in enumerate(names)}
+
+
+_CDF: dict[tuple[float, int], Tensor] = {}
+
+
+def _binomial_cdf(keep: float, most: int) -> Tensor:
+    """Returns float32 ``[most + 1, most]``: ``P(Binomial(n, keep) <= k)`` at ``[n, k]``.
+
+    Entries with ``k >= n`` hold 2 (above any uniform draw). Computed in float64 from the
+    log-probabilities; cached per ``keep`` (one table of 128 steps serves every window).
+    """
+    most = max(most, 128)
+    key = (keep, most)
+    if key not in _CDF:
+        table = torch.full((most + 1, most), 2.0, dtype=torch.float64)
+        for n in range(1, most + 1):
+            k = torch.arange(n, dtype=torch.float64)
+            log_pmf = (math.lgamma(n + 1.0) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
+                       + k * math.log(keep) + (n - k) * math.log1p(-keep))
+            table[n, :n] = torch.cumsum(log_pmf.exp(), 0).clamp(max=1.0)
+        _CDF[key] = table.float()
+    return _CDF[key]
+
+
+def keep_counts(steps: Tensor, keep: float, width: int) -> Tensor:
+    """Returns float32 ``[W, width]`` draws of ``Binomial(steps[w], keep)``, one per element.
+
+    When ``n`` steps of a clip use the same window ``w`` (:mod:`emimimic.pooling`) and each
+    step's element is kept by its own dropout mask with probability ``keep``, the number of
+    those steps that keep it is ``Binomial(n, keep)``. With mean pooling right after the dropout,
+    that count is all the pooled value depends on, so one draw per window and element replaces
+    the ``n`` per-step masks. Drawn by inverting the distribution function with one uniform
+    number each (float32, like the masks), from torch's generator; ``steps = 0`` gives 0.
+
+    Args:
+        steps: int64 ``[W]``, the number of steps that use each window (0 to 128).
+        keep: the probability that one step keeps an element, ``1 - p``.
+        width: the number of elements per window.
+    """
+    count = steps.shape[0]
+    if keep == 1.0 or count == 0:
+        return steps.to(torch.float32)[:, None].expand(count, width).contiguous()
+    order = torch.argsort(steps, descending=True, stable=True)
+    ranked = steps.index_select(0, order)
+    most = int(ranked[0])
+    if most == 0 or keep == 0.0:
+        return torch.zeros(count, width, device=steps.device)
+    cdf = _binomial_cdf(keep, most)[:, :most].to(steps.device)
+    thresholds = cdf.index_select(0, ranked)  # [W, most], windows with most steps first
+    # rows with more than k steps: a prefix of the ranked windows, for each k
+    longer = torch.bincount(ranked, minlength=most + 1).flip(0).cumsum(0).flip(0)[1:].tolist()
+    uniform = torch.rand(count, width, device=steps.device)
+    # counted in uint8 (at most 128): a sixth of the time of float32 sums
+    counts = torch.zeros(count, width, dtype=torch.uint8, device=steps.device)
+    for k, rows in enumerate(longer):
+        counts[:rows] += uniform[:rows] > thresholds[:rows, k:k + 1]
+    out = torch.empty(count, width, device=steps.device)
+    return out.index_copy_(0, order, counts.to(torch.float32))
