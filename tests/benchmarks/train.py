@@ -47,7 +47,7 @@ def bare_epoch(data: EMIDataModule, epochs: int) -> list[float]:
     net = EMINetwork(dims=data.dims, num_targets=data.num_targets)
     criterion = EMILoss()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=1e-4)
-    ema = AveragedModel(net, avg_fn=_EMADecay(0.999, warmup=False), use_buffers=True)
+    ema = AveragedModel(net, multi_avg_fn=_EMADecay(0.999, warmup=False), use_buffers=True)
     loader = data.train_dataloader()
     times = []
     for epoch in range(epochs):
