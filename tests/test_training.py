@@ -16,6 +16,7 @@ from support.reference import QUICKSTART
 
 from emimimic.data.datamodule import EMIDataModule
 from emimimic.training import EMA, EMIModule, LossOptions
+from emimimic.training.module import fused_adam
 
 
 def adamw(lr: float):
@@ -257,3 +258,59 @@ def test_default_callbacks_give_a_plain_trainer_what_the_cli_has(demo_store, tmp
         default_callbacks(tmp_path, emaa=None)
     without = default_callbacks(tmp_path, dashboard=None, lr_monitor=None)
     assert len(without) == 7
+
+
+# --- the fused optimizer and the foreach EMA ---------------------------------------------------
+
+
+def test_adam_left_to_torch_is_fused_and_steps_as_the_loop_does():
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    fused = fused_adam(torch.optim.AdamW(nets[0].parameters(), lr=1e-2, weight_decay=1e-2))
+    loop = torch.optim.AdamW(nets[1].parameters(), lr=1e-2, weight_decay=1e-2, foreach=False)
+    assert isinstance(fused, torch.optim.AdamW) and fused.defaults["fused"] is True
+    assert all(g["fused"] is True and g["lr"] == 1e-2 for g in fused.param_groups)
+    assert fused_adam(loop) is loop  # an implementation the user chose is kept
+    for step in range(20):
+        x = torch.randn(16, 7, generator=torch.Generator().manual_seed(step))
+        for net, opt in zip(nets, (fused, loop), strict=True):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        assert (a - b).abs().max() < 1e-6
+    assert (nets[0][0].weight - torch.nn.Linear(7, 5).weight).abs().max() > 1e-3  # it moved
+    sgd = torch.optim.SGD(nets[0].parameters(), lr=0.1)
+    assert fused_adam(sgd) is sgd
+
+
+def test_the_module_steps_a_fused_adamw_with_its_lr_multipliers(demo_store):
+    seed_everything(0)
+    data = EMIDataModule(str(demo_store), batch_size=32)
+    model = EMIModule(dims=data.dims, targets=data.targets, optimizer=adamw(1e-3),
+                      lr_multipliers={"branches.text": 0.1})
+    trainer = _trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0,
+                       enable_checkpointing=False)
+    trainer.fit(model, datamodule=data)
+    (optimizer,) = trainer.optimizers
+    assert optimizer.defaults["fused"] is True
+    assert [g["initial_lr"] for g in optimizer.param_groups] == pytest.approx([1e-4, 1e-3])
+    assert all(len(optimizer.state[p]) for p in model.parameters())  # every parameter stepped
+
+
+def test_the_ema_update_is_one_lerp_of_floats_and_copies_integer_buffers():
+    from emimimic.training.callbacks import _EMADecay
+
+    averaged = [torch.zeros(3), torch.ones(2, 2)]
+    current = [torch.full((3,), 2.0), torch.full((2, 2), 3.0)]
+    _EMADecay(0.9, warmup=False)(averaged, current, torch.tensor(5))
+    torch.testing.assert_close(averaged[0], torch.full((3,), 0.2))
+    torch.testing.assert_close(averaged[1], torch.full((2, 2), 1.2))
+    # with warm-up the decay after t updates is min(decay, (1 + t) / (10 + t)): 0.5 at t = 8
+    averaged = [torch.zeros(2)]
+    _EMADecay(0.9, warmup=True)(averaged, [torch.ones(2)], torch.tensor(8))
+    torch.testing.assert_close(averaged[0], torch.full((2,), 0.5))
+    counters = [torch.tensor([1, 2])]
+    _EMADecay(0.9, warmup=False)(counters, [torch.tensor([5, 7])], torch.tensor(3))
+    assert counters[0].tolist() == [5, 7]

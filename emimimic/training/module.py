@@ -3,6 +3,7 @@ any ``nn.Module`` that follows :mod:`emimimic.contract`."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -39,6 +40,31 @@ class StepPredictions:
 def _options(cls: type, value: Any) -> Any:
     """Returns ``value`` as a ``cls`` dataclass (checkpoints store the options as plain dicts)."""
     return cls(**value) if isinstance(value, dict) else value
+
+
+def fused_adam(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Returns a plain Adam or AdamW rebuilt with ``fused=True``; any other optimizer as it is.
+
+    Left to itself torch steps Adam on the CPU with a loop over the parameters: 8.2 ms a step for
+    the paper model's 61 tensors on two cores, against 1.5 ms for the fused kernels (the results
+    differ by float rounding). An optimizer whose ``foreach``, ``fused``, ``capturable`` or
+    ``differentiable`` was set, a subclass, or parameters the fused kernels do not take (not
+    floating point, not on a CPU or CUDA device) keep what was built.
+    """
+    cls = type(optimizer)
+    chosen = optimizer.defaults
+    if (cls not in (torch.optim.Adam, torch.optim.AdamW) or chosen.get("foreach") is not None
+            or chosen.get("fused") is not None or chosen.get("capturable")
+            or chosen.get("differentiable")):
+        return optimizer
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
+        return optimizer
+    accepted = inspect.signature(cls).parameters
+    options = {k: v for k, v in chosen.items() if k in accepted and k not in ("foreach", "fused")}
+    groups = [{k: v for k, v in group.items() if k not in ("foreach", "fused")}
+              for group in optimizer.param_groups]
+    return cls(groups, **options, fused=True)
 
 
 class EMIModule(LightningModule):
@@ -187,7 +213,7 @@ class EMIModule(LightningModule):
         the factory's times the multiplier (set before the scheduler records the base rates).
         """
         groups = self._param_groups()
-        optimizer = self.optimizer_factory([{"params": g["params"]} for g in groups])
+        optimizer = fused_adam(self.optimizer_factory([{"params": g["params"]} for g in groups]))
         for group, spec in zip(optimizer.param_groups, groups, strict=True):
             group["lr"] = group["lr"] * spec["lr_multiplier"]
         if self.scheduler_factory is not None:
