@@ -314,3 +314,41 @@ def test_the_ema_update_is_one_lerp_of_floats_and_copies_integer_buffers():
     counters = [torch.tensor([1, 2])]
     _EMADecay(0.9, warmup=False)(counters, [torch.tensor([5, 7])], torch.tensor(3))
     assert counters[0].tolist() == [5, 7]
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_loss_parts_are_logged_as_lightning_names_them_with_clip_weighted_epoch_means(
+        demo_store, tmp_path, every):
+    from lightning.pytorch.loggers import CSVLogger
+
+    seed_everything(0)
+    data = EMIDataModule(str(demo_store), batch_size=40)  # 96 training clips: 40, 40, 16
+    model = EMIModule(dims=data.dims, targets=data.targets, optimizer=adamw(1e-3),
+                      loss=LossOptions(lambda_corr=0.1, lambda_aux=0.03))
+    sizes = []
+    model.on_train_batch_start = lambda batch, idx: sizes.append(len(batch))
+    trainer = _trainer(max_epochs=2, limit_val_batches=0, enable_checkpointing=False,
+                       logger=CSVLogger(tmp_path), log_every_n_steps=every)
+    trainer.fit(model, datamodule=data)
+    log = pd.read_csv(Path(trainer.logger.log_dir) / "metrics.csv")
+    parts = sorted(c[len("train/"):-len("_epoch")] for c in log.columns
+                   if c.endswith("_epoch") and c != "train/loss_epoch")
+    assert {"mse", "pearson", "aux"} <= set(parts)
+    steps = log.dropna(subset=["train/loss_step"])
+    per_epoch = len(sizes) // 2
+    # the parts are written on the steps Lightning writes train/loss_step on, and only there
+    assert steps["step"].tolist() == [s for s in range(2 * per_epoch) if (s + 1) % every == 0]
+    for part in parts:
+        assert log.dropna(subset=[f"train/{part}_step"])["step"].tolist() \
+            == steps["step"].tolist()
+        assert f"train/{part}" in trainer.callback_metrics
+    if every == 1:  # every step written: the epoch value is the clip-weighted mean of them
+        for epoch in (0, 1):
+            rows = steps[steps["epoch"] == epoch]
+            clips = np.array(sizes[epoch * per_epoch:(epoch + 1) * per_epoch], dtype=float)
+            assert len(rows) == len(clips) and clips.min() < clips.max()
+            ends = log.dropna(subset=["train/loss_epoch"])
+            ends = ends[ends["epoch"] == epoch]
+            for part in [*parts, "loss"]:
+                expected = np.sum(rows[f"train/{part}_step"].to_numpy() * clips) / clips.sum()
+                assert ends[f"train/{part}_epoch"].item() == pytest.approx(expected, abs=1e-6)

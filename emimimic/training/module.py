@@ -131,6 +131,8 @@ class EMIModule(LightningModule):
         })
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        #: the loss parts' names, clip-weighted sums and clips of this training epoch
+        self._parts: tuple[list[str], torch.Tensor, int] | None = None
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """Returns the parameter groups: one per ``lr_multipliers`` entry, then the rest.
@@ -165,9 +167,41 @@ class EMIModule(LightningModule):
         present = {m: batch.present(m) for m in batch.modalities}
         terms = self.criterion(self(batch), batch.target, present, epoch=self.current_epoch,
                                weight=batch.weight)
-        self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()},
-                      batch_size=len(batch), on_step=True, on_epoch=True)
+        self.log("train/loss", terms["loss"].detach(), batch_size=len(batch), on_step=True,
+                 on_epoch=True)
+        self._log_parts(terms, len(batch))
         return terms["loss"]
+
+    def _log_parts(self, terms: dict[str, torch.Tensor], clips: int) -> None:
+        """Logs the loss's parts under the names ``log(on_step=True, on_epoch=True)`` gives.
+
+        ``train/<part>_step`` on the steps Lightning writes to the loggers, and at the end of the
+        epoch ``train/<part>_epoch`` (and ``train/<part>``), the mean over the epoch's clips. The
+        epoch sums are kept here on the device: Lightning's bookkeeping of one logged value took
+        0.4 ms a step on the CPU, 3.4 ms for the nine terms of the paper's loss.
+        """
+        names = [name for name in terms if name != "loss"]
+        if not names:
+            return
+        values = torch.stack([terms[name].detach().float() for name in names])
+        part = values * clips
+        self._parts = (names, part if self._parts is None else self._parts[1] + part,
+                       clips + (0 if self._parts is None else self._parts[2]))
+        connector = getattr(self.trainer, "_logger_connector", None)
+        if getattr(connector, "should_update_logs", True) or self.trainer.fast_dev_run:
+            self.log_dict({f"train/{name}_step": v for name, v in zip(names, values, strict=True)},
+                          batch_size=clips, on_step=True, on_epoch=False)
+
+    def on_train_epoch_start(self) -> None:
+        self._parts = None
+
+    def on_train_epoch_end(self) -> None:
+        if self._parts is not None:
+            names, sums, clips = self._parts
+            means = dict(zip(names, sums / clips, strict=True))
+            self.log_dict({f"train/{n}_epoch": v for n, v in means.items()}, on_epoch=True)
+            self.log_dict({f"train/{n}": v for n, v in means.items()}, on_epoch=True,
+                          logger=False)
 
     def _eval_step(self, batch: FeatureBatch, metrics: MetricCollection) -> StepPredictions:
         """Updates the stage's metrics; returns the batch's ids, predictions and targets."""
