@@ -26,6 +26,7 @@ from emimimic.data.synth import DEMO_DIMS, PAPER_DIMS, synth
 from emimimic.models import EMINetwork
 from emimimic.training import EMA, EMILoss, EMIModule
 from emimimic.training.callbacks import _EMADecay
+from emimimic.training.module import fused_adam
 
 
 class EpochTimer(Callback):
@@ -44,9 +45,10 @@ class EpochTimer(Callback):
 def bare_epoch(data: EMIDataModule, epochs: int) -> list[float]:
     """Times ``epochs`` epochs of a hand-written loop doing the same work as EMIModule."""
     seed_everything(0)
-    net = EMINetwork(dims=data.dims, num_targets=data.num_targets)
+    net = EMINetwork(dims=data.dims, targets=data.targets)
     criterion = EMILoss()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=1e-4)
+    # the implementation EMIModule steps (fused_adam: the fused kernels)
+    optimizer = fused_adam(torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=1e-4))
     ema = AveragedModel(net, multi_avg_fn=_EMADecay(0.999, warmup=False), use_buffers=True)
     loader = data.train_dataloader()
     times = []
