@@ -18,9 +18,10 @@ threads, in alternating rounds (the best round of each row is printed):
   and ``lstm`` need every clip's 128 projected steps, so they leave the distinct-window fast
   path in evaluation (training gathers the steps anyway); ``gated`` and modality dropout do not.
 
-A training step is forward + EMILoss + backward + gradient clipping + AdamW step; an evaluation
-step is a forward under ``torch.no_grad`` in eval mode. Prints clips/s, the ratio to the expanded
-path and the fraction of the matmul bound of the same precision.
+A training step is forward + EMILoss + backward + gradient clipping + AdamW step (fused, as
+EMIModule steps it); an evaluation step is a forward under ``torch.no_grad`` in eval mode.
+Prints clips/s, the ratio to the expanded path and the fraction of the matmul bound of the same
+precision.
 
     python tests/benchmarks/speed.py --clips 1024
 """
@@ -41,6 +42,7 @@ from emimimic.data.store import SplitSpec, StoreWriter
 from emimimic.data.synth import PAPER_DIMS
 from emimimic.models import EMINetwork
 from emimimic.training import EMILoss
+from emimimic.training.module import fast_adam
 
 #: Mean raw length per modality (Poisson around it, at least 1).
 LENGTHS = {"visual": 35, "audio": 350, "text": 25}
@@ -70,7 +72,8 @@ class Rows:
     def __init__(self, net: EMINetwork, dense: bool, bf16: bool) -> None:
         self.net, self.dense, self.bf16 = net, dense, bf16
         self.loss = EMILoss()
-        self.opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=1e-4)
+        # the optimizer EMIModule steps (fast_adam: torch's fused kernels)
+        self.opt = fast_adam(torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=1e-4))
 
     def _forward(self, b: FeatureBatch):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):

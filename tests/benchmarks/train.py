@@ -26,7 +26,7 @@ from emimimic.data.synth import DEMO_DIMS, PAPER_DIMS, synth
 from emimimic.models import EMINetwork
 from emimimic.training import EMA, EMILoss, EMIModule
 from emimimic.training.callbacks import _EMADecay
-from emimimic.training.module import fused_adam
+from emimimic.training.module import fast_adam
 
 
 class EpochTimer(Callback):
@@ -47,8 +47,8 @@ def bare_epoch(data: EMIDataModule, epochs: int) -> list[float]:
     seed_everything(0)
     net = EMINetwork(dims=data.dims, targets=data.targets)
     criterion = EMILoss()
-    # the implementation EMIModule steps (fused_adam: the fused kernels)
-    optimizer = fused_adam(torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=1e-4))
+    # the implementation EMIModule steps (fast_adam: the fused kernels)
+    optimizer = fast_adam(torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=1e-4))
     ema = AveragedModel(net, multi_avg_fn=_EMADecay(0.999, warmup=False), use_buffers=True)
     loader = data.train_dataloader()
     times = []
