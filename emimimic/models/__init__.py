@@ -15,7 +15,7 @@ from emimimic.models.branches import (
     ModalityBranch,
     TemporalEnhancer,
 )
-from emimimic.models.dropout import drop_modalities
+from emimimic.models.dropout import Dropout, drop_modalities, keep_counts
 from emimimic.models.fusion import Fusion, FusionInput, FusionOutput, available_fusions
 from emimimic.models.network import EMINetwork
 from emimimic.models.projector import norm_linear
@@ -25,6 +25,7 @@ __all__ = [
     "AttentionPooling",
     "AudioVADBranch",
     "BranchOutput",
+    "Dropout",
     "EMINetwork",
     "EMIOutput",
     "FeatureBatch",
@@ -39,5 +40,6 @@ __all__ = [
     "available_fusions",
     "build_network",
     "drop_modalities",
+    "keep_counts",
     "norm_linear",
 ]
