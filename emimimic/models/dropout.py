@@ -5,11 +5,14 @@ Modality dropout: in training, clips lose whole modalities, as if the data were 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
+
+from emimimic.constants import STEPS
 
 
 class Dropout(nn.Dropout):
@@ -62,26 +65,20 @@ def drop_modalities(present: Mapping[str, Tensor], rates: Mapping[str, float],
     return {m: kept[:, i] for i, m in enumerate(names)}
 
 
-_CDF: dict[tuple[float, int], Tensor] = {}
-
-
-def _binomial_cdf(keep: float, most: int) -> Tensor:
-    """Returns float32 ``[most + 1, most]``: ``P(Binomial(n, keep) <= k)`` at ``[n, k]``.
+@functools.lru_cache(maxsize=8)
+def _binomial_cdf(keep: float) -> Tensor:
+    """Returns float32 ``[129, 128]``: ``P(Binomial(n, keep) <= k)`` at ``[n, k]``, n <= 128.
 
     Entries with ``k >= n`` hold 2 (above any uniform draw). Computed in float64 from the
-    log-probabilities; cached per ``keep`` (one table of 128 steps serves every window).
+    log-probabilities, once per ``keep``: a window is used by at most the 128 steps of a clip.
     """
-    most = max(most, 128)
-    key = (keep, most)
-    if key not in _CDF:
-        table = torch.full((most + 1, most), 2.0, dtype=torch.float64)
-        for n in range(1, most + 1):
-            k = torch.arange(n, dtype=torch.float64)
-            log_pmf = (math.lgamma(n + 1.0) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
-                       + k * math.log(keep) + (n - k) * math.log1p(-keep))
-            table[n, :n] = torch.cumsum(log_pmf.exp(), 0).clamp(max=1.0)
-        _CDF[key] = table.float()
-    return _CDF[key]
+    table = torch.full((STEPS + 1, STEPS), 2.0, dtype=torch.float64)
+    for n in range(1, STEPS + 1):
+        k = torch.arange(n, dtype=torch.float64)
+        log_pmf = (math.lgamma(n + 1.0) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
+                   + k * math.log(keep) + (n - k) * math.log1p(-keep))
+        table[n, :n] = torch.cumsum(log_pmf.exp(), 0).clamp(max=1.0)
+    return table.float()
 
 
 def keep_counts(steps: Tensor, keep: float, width: int) -> Tensor:
@@ -107,7 +104,7 @@ def keep_counts(steps: Tensor, keep: float, width: int) -> Tensor:
     most = int(ranked[0])
     if most == 0 or keep == 0.0:
         return torch.zeros(count, width, device=steps.device)
-    cdf = _binomial_cdf(keep, most)[:, :most].to(steps.device)
+    cdf = _binomial_cdf(keep)[:, :most].to(steps.device)
     thresholds = cdf.index_select(0, ranked)  # [W, most], windows with most steps first
     # rows with more than k steps: a prefix of the ranked windows, for each k
     longer = torch.bincount(ranked, minlength=most + 1).flip(0).cumsum(0).flip(0)[1:].tolist()

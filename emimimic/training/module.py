@@ -187,9 +187,11 @@ class EMIModule(LightningModule):
         if not names:
             return
         values = torch.stack([terms[name].detach().float() for name in names])
-        part = values * clips
-        self._parts = (names, part if self._parts is None else self._parts[1] + part,
-                       clips + (0 if self._parts is None else self._parts[2]))
+        if self._parts is None:
+            self._parts = (names, values * clips, clips)
+        else:
+            _, sums, seen = self._parts
+            self._parts = (names, sums + values * clips, seen + clips)
         connector = getattr(self.trainer, "_logger_connector", None)
         if getattr(connector, "should_update_logs", True) or self.trainer.fast_dev_run:
             self.log_dict({f"train/{name}_step": v for name, v in zip(names, values, strict=True)},
