@@ -137,3 +137,24 @@ def test_windows_mean_is_the_mean_over_steps() -> None:
     got = w.mean(values)
     assert got.shape == (len(lengths), 7)
     torch.testing.assert_close(got, values[w.step].mean(dim=1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("lengths", [[STEPS] * 4, mixed_lengths(5), [STEPS, 0, STEPS]],
+                         ids=["all-128", "mixed", "absent"])
+def test_expand_gives_each_steps_window_and_sums_gradients_into_it(lengths: list[int]) -> None:
+    w = windows(torch.tensor(lengths))
+    assert w.rows_only == all(n == STEPS for n in lengths)
+    values = torch.randn(w.first.shape[0], 3, dtype=torch.float64, requires_grad=True)
+    got = w.expand(values)
+    assert got.shape == (len(lengths), STEPS, 3)
+    for k in range(len(lengths)):
+        for i in range(STEPS):
+            assert torch.equal(got[k, i], values[w.step[k, i]]), f"clip {k}, step {i}"
+    # the gradient of a window is the sum over the steps that use it (independent count)
+    upstream = torch.randn(len(lengths), STEPS, 3, dtype=torch.float64)
+    got.backward(upstream)
+    expected = torch.zeros_like(values)
+    for k in range(len(lengths)):
+        for i in range(STEPS):
+            expected[w.step[k, i]] += upstream[k, i]
+    torch.testing.assert_close(values.grad, expected, rtol=1e-12, atol=1e-12)

@@ -233,7 +233,7 @@ class ModalityBranch(nn.Module):
         if (self.training or keep_steps or self.temporal is not None
                 or not isinstance(self.pool, MeanPooling)):
             # dropout after the gather, so each step gets its own mask as on a dense input
-            seq, vad = self.condition(drop(h[win.step]))
+            seq, vad = self.condition(drop(win.expand(h)))
             if self.temporal is not None:
                 seq = self.temporal(seq)
             return self._finish(self.pool(seq), vad, present, seq if keep_steps else None)
