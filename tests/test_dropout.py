@@ -12,7 +12,7 @@ from scipy import stats
 from emimimic.constants import STEPS
 from emimimic.contract import FeatureBatch
 from emimimic.models import EMINetwork, ModalityBranch
-from emimimic.models.dropout import Dropout, keep_counts
+from emimimic.models.dropout import Dropout, below, keep_counts, uniform_words
 from emimimic.pooling import windows
 from tests.test_models import ODD_DIMS, assert_outputs_close, compact_batch, dense_inputs
 
@@ -70,6 +70,30 @@ def test_the_cpu_mask_follows_torchs_seed():
     b = drop(x)
     c = drop(x)
     assert torch.equal(a, b) and not torch.equal(b, c)
+
+
+def test_uniform_words_have_32_fair_bits_in_both_halves_of_a_draw():
+    torch.manual_seed(0)
+    words = uniform_words((40_001,))  # odd: the last 64-bit draw's second word is not used
+    assert words.dtype == torch.int32 and words.shape == (40_001,)
+    # the low and the high half of each 64-bit draw: every bit, sign bits included, is fair
+    # (int64 random_() without a range would leave the high halves' sign bit at 0)
+    for half in (words[0::2], words[1::2]):
+        ones = ((half[:, None] >> torch.arange(32)) & 1).sum(0)
+        low, high = stats.binom.interval(0.99999, half.numel(), 0.5)
+        assert bool(((ones >= low) & (ones <= high)).all()), ones.tolist()
+
+
+@pytest.mark.parametrize("q", [1e-3, 0.2, 0.5, 0.8, 0.999])
+def test_a_word_is_below_its_threshold_with_the_threshold_probability(q):
+    torch.manual_seed(3)
+    n = 200_000
+    hits = int((uniform_words((n,)) < below(q)).sum())
+    low, high = stats.binom.interval(0.9999, n, q)
+    assert low <= hits <= high
+    # the threshold itself: q of the 2**32 words lie below it
+    assert abs((below(q) + 2**31) / 2**32 - q) <= 2**-33
+    assert below(0.0) == -(2**31) and below(1.0) == 2**31 - 1
 
 
 # --- keep_counts: one Binomial draw per window and element -----------------------------------
