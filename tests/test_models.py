@@ -385,22 +385,26 @@ def reference_grads(x, norm, linear, gy, dtype=torch.float64):
     return y, [p.grad for p in params]
 
 
-def our_grads(x, norm, linear, gy):
+def our_grads(x, norm, linear, gy, overwrite=False):
     for p in (norm.weight, norm.bias, linear.weight, linear.bias):
         p.grad = None
-    y = norm_linear(x, norm, linear)
+    y = norm_linear(x, norm, linear, overwrite=overwrite)
     y.backward(gy.to(y.dtype))
     return y, [p.grad for p in (norm.weight, norm.bias, linear.weight, linear.bias)]
 
 
+@pytest.mark.parametrize("overwrite", [False, True], ids=["layer_norm", "centred-in-place"])
 @pytest.mark.parametrize(("rows", "d", "h"), [(1, 3, 2), (7, 5, 4), (300, 64, 32),
                                               (1000, 513, 256)])
-def test_norm_linear_equals_autograd(rows: int, d: int, h: int) -> None:
+def test_norm_linear_equals_autograd(rows: int, d: int, h: int, overwrite: bool) -> None:
     norm, linear = projector_layers(d, h, seed=rows)
     g = torch.Generator().manual_seed(d)
     x = torch.randn(rows, d, generator=g) * 3 + 1
     gy = torch.randn(rows, h, generator=g)
-    y, grads = our_grads(x, norm, linear, gy)
+    given = x.clone()
+    y, grads = our_grads(given, norm, linear, gy, overwrite)
+    if not overwrite:
+        assert torch.equal(given, x)  # the caller's rows are left as they were
     ref_y, ref_grads = reference_grads(x, norm, linear, gy)
     assert y.dtype == torch.float32 and y.shape == (rows, h)
     scale = max(1.0, rows ** 0.5)  # fp32 sums over rows grow like sqrt(rows)
@@ -409,6 +413,25 @@ def test_norm_linear_equals_autograd(rows: int, d: int, h: int) -> None:
                               grads, ref_grads, strict=True):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), ref, atol=2e-6 * scale, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["layer_norm", "centred-in-place"])
+def test_norm_linear_is_as_exact_as_the_float32_modules_far_from_zero(overwrite: bool) -> None:
+    # rows whose mean is 40 times their spread: E[x^2] - E[x]^2 in float32 would lose the
+    # variance; a two-pass (centred) LayerNorm keeps it
+    norm, linear = projector_layers(1024, 64, seed=3)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 1024, generator=g) + 40.0
+    gy = torch.randn(300, 64, generator=g)
+    y, grads = our_grads(x.clone(), norm, linear, gy, overwrite)
+    ref_y, ref_grads = reference_grads(x, norm, linear, gy)
+    mod_y, mod_grads = reference_grads(x, norm, linear, gy, dtype=torch.float32)
+    for name, got, mod, ref in zip(("y", "norm.weight", "norm.bias", "linear.weight",
+                                    "linear.bias"), [y, *grads], [mod_y, *mod_grads],
+                                   [ref_y, *ref_grads], strict=True):
+        ours = float((got.detach().double() - ref).abs().max())
+        theirs = float((mod.detach().double() - ref).abs().max())
+        assert ours <= 1.5 * theirs + 1e-6, f"{name}: {ours:.2e} vs float32 modules {theirs:.2e}"
 
 
 def test_norm_linear_under_bf16_autocast_is_within_bf16_tolerance() -> None:

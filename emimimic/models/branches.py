@@ -223,7 +223,8 @@ class ModalityBranch(nn.Module):
         # the autocast dtype anyway. Otherwise they are the parameters' dtype (float32).
         mixed = rows.dtype == torch.float16 and torch.is_autocast_enabled(rows.device.type)
         x = win.gather(rows, rows.dtype if mixed else linear.weight.dtype)
-        h = act(norm_linear(x, norm, linear))  # each distinct window projected once
+        # each distinct window projected once; x is the gather's own copy unless it is rows
+        h = act(norm_linear(x, norm, linear, overwrite=x is not rows))
         if self.training and self._drops_by_window(rows, keep_steps):
             # mean pooling right after the dropout: the pooled value depends on each window's
             # number of steps that keep an element, one Binomial draw per window and element

@@ -14,6 +14,13 @@ and with ``G = gyᵀ x̂`` and ``s = Σ_rows gy`` every parameter gradient follo
 One matmul in the backward instead of two, and γ, β are folded into the forward's weights. Under
 autocast the two matmuls run in the autocast dtype, as autograd's would; x̂ is computed in float32
 (from a float16 input under autocast, in float16 with float32 statistics).
+
+In float32, when the caller lets ``x`` be overwritten (a copy it made, as the windows' gather
+does), x is centred in place, ``x_c = x - mean``, and the row scale ``r = (var + eps)^(-1/2)``
+is applied to the matmul's output instead of its input: ``y = r ⊙ (x_c (W diag γ)ᵀ) + (W β + b)``
+and ``G = (r ⊙ gy)ᵀ x_c``. The same two-pass statistics as a LayerNorm, without a second
+``[R, D]`` tensor: on two CPU cores 4.5–4.9 ms instead of ``layer_norm``'s 7.0–12.4 for the
+windows of a batch's text (``[1568, 4096]``), 2.5–3.6 instead of 4.9–5.1 for its audio.
 """
 
 from __future__ import annotations
@@ -37,36 +44,55 @@ class _NormLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, gamma: Tensor, beta: Tensor, weight: Tensor, bias: Tensor,
-                eps: float) -> Tensor:
+                eps: float, overwrite: bool) -> Tensor:
         dtype = _autocast_dtype(x.device) or weight.dtype
         with torch.autocast(x.device.type, enabled=False):
-            # a float16 input (mixed precision) is normalised as it is, with float32 statistics
-            src = x if x.dtype == torch.float16 and dtype != weight.dtype else x.float()
-            xhat = F.layer_norm(src, (x.shape[-1],), eps=eps).to(dtype)
             w = (weight * gamma).to(dtype)  # W diag(γ): scales column d by γ_d
             b = torch.addmv(bias, weight, beta).to(dtype)
-            y = torch.addmm(b, xhat, w.t())
-        ctx.save_for_backward(xhat, gamma, beta, weight)
+            if overwrite and x.dtype == dtype == torch.float32:
+                # centred in place; the row scale goes onto the output (see the module docstring)
+                width = x.shape[1]
+                xhat = x.sub_(x.sum(1, keepdim=True).div_(width))
+                scale = torch.linalg.vector_norm(xhat, dim=1, keepdim=True)
+                scale = scale.square_().div_(width).add_(eps).rsqrt_()
+                y = torch.mm(xhat, w.t()).mul_(scale).add_(b)
+            else:
+                # a float16 input (mixed precision) is normalised as it is, float32 statistics
+                src = x if x.dtype == torch.float16 and dtype != weight.dtype else x.float()
+                xhat = F.layer_norm(src, (x.shape[-1],), eps=eps).to(dtype)
+                scale = None
+                y = torch.addmm(b, xhat, w.t())
+        ctx.scaled = scale is not None
+        ctx.save_for_backward(xhat, gamma, beta, weight, scale)
         return y
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
-        xhat, gamma, beta, weight = ctx.saved_tensors
+        xhat, gamma, beta, weight, scale = ctx.saved_tensors
         with torch.autocast(gy.device.type, enabled=False):
-            g = (gy.t().to(xhat.dtype) @ xhat).float()  # [H, D], the backward's one matmul
+            rows = gy * scale if ctx.scaled else gy.to(xhat.dtype)
+            g = (rows.t() @ xhat).float()  # [H, D], the backward's one matmul
             s = gy.float().sum(0)  # [H]
             d_weight = g * gamma.float() + torch.outer(s, beta.float())
             d_gamma = (weight.float() * g).sum(0)
             d_beta = weight.float().t() @ s
         return (None, d_gamma.to(gamma.dtype), d_beta.to(beta.dtype), d_weight.to(weight.dtype),
-                s.to(weight.dtype), None)
+                s.to(weight.dtype), None, None)
 
 
-def norm_linear(x: Tensor, norm: nn.LayerNorm, linear: nn.Linear) -> Tensor:
+def norm_linear(x: Tensor, norm: nn.LayerNorm, linear: nn.Linear,
+                overwrite: bool = False) -> Tensor:
     """Returns ``linear(norm(x))`` for a 2-d ``x`` that needs no gradient.
 
     Equal to the two modules applied in turn (to float rounding), with gradients for their
     parameters from one matmul in the backward instead of two.
+
+    Args:
+        x: ``[R, D]`` rows.
+        norm: an affine LayerNorm over D.
+        linear: a Linear from D, with a bias.
+        overwrite: ``x`` is the caller's own copy and may be overwritten (centred in place),
+            which spares a LayerNorm output of x's size in float32.
 
     Raises:
         ValueError: ``x`` requires a gradient, is not 2-d, or the layers do not fit it.
@@ -79,4 +105,5 @@ def norm_linear(x: Tensor, norm: nn.LayerNorm, linear: nn.Linear) -> Tensor:
                          f"{tuple(norm.normalized_shape)}")
     if norm.weight is None or linear.bias is None:
         raise ValueError("norm_linear needs an affine LayerNorm and a Linear with a bias")
-    return _NormLinear.apply(x, norm.weight, norm.bias, linear.weight, linear.bias, norm.eps)
+    return _NormLinear.apply(x, norm.weight, norm.bias, linear.weight, linear.bias, norm.eps,
+                             overwrite)
