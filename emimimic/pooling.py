@@ -182,10 +182,10 @@ class Windows:
         backward (an ``index_add_``) costs a fifth of what advanced indexing's (an accumulating
         ``index_put_``) does, 1.5 ms against 8.2 ms for a batch of 32 clips at width 256.
         """
-        batch = self.step.shape[0]
+        shape = (self.step.shape[0], STEPS, *values.shape[1:])
         if self.rows_only:
-            return values.view(batch, STEPS, *values.shape[1:])
-        return values.index_select(0, self.step.view(-1)).view(batch, STEPS, *values.shape[1:])
+            return values.view(shape)
+        return values.index_select(0, self.step.view(-1)).view(shape)
 
     def mean(self, values: Tensor) -> Tensor:
         """Returns the per-clip mean over 128 steps [B, H] of per-window ``values`` [W, H].

@@ -28,8 +28,13 @@ def uniform_words(shape: tuple[int, ...], device: torch.device | str = "cpu") ->
     return draws.random_(-(2**63), None).view(torch.int32)[:count].view(shape)
 
 
-def below(q: float) -> int:
-    """Returns the int32 threshold ``t`` with ``P(word < t) = q`` (to 2**-33) for uniform words."""
+def below(q: float | Tensor) -> int | Tensor:
+    """Returns the int32 threshold ``t`` with ``P(word < t) = q`` (to 2**-33) for uniform words.
+
+    One rule for a probability (an ``int``) and a tensor of them (int32, computed in float64).
+    """
+    if isinstance(q, Tensor):
+        return ((q.double() * 2**32).round_().clamp_(max=2**32 - 1) - 2**31).to(torch.int32)
     return min(round(q * 2**32), 2**32 - 1) - 2**31
 
 
@@ -97,8 +102,7 @@ def _binomial_cdf(keep: float) -> Tensor:
         log_pmf = (math.lgamma(n + 1.0) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
                    + k * math.log(keep) + (n - k) * math.log1p(-keep))
         table[n, :n] = torch.cumsum(log_pmf.exp(), 0).clamp(max=1.0)
-    words = (table * 2**32).round_().clamp_(max=2**32 - 1).to(torch.int64) - 2**31
-    return words.to(torch.int32)
+    return below(table)
 
 
 def keep_counts(steps: Tensor, keep: float, width: int) -> Tensor:

@@ -62,7 +62,6 @@ class _NormLinear(torch.autograd.Function):
                 xhat = F.layer_norm(src, (x.shape[-1],), eps=eps).to(dtype)
                 scale = None
                 y = torch.addmm(b, xhat, w.t())
-        ctx.scaled = scale is not None
         ctx.save_for_backward(xhat, gamma, beta, weight, scale)
         return y
 
@@ -70,7 +69,7 @@ class _NormLinear(torch.autograd.Function):
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
         xhat, gamma, beta, weight, scale = ctx.saved_tensors
         with torch.autocast(gy.device.type, enabled=False):
-            rows = gy * scale if ctx.scaled else gy.to(xhat.dtype)
+            rows = gy.to(xhat.dtype) if scale is None else gy * scale
             g = (rows.t() @ xhat).float()  # [H, D], the backward's one matmul
             s = gy.float().sum(0)  # [H]
             d_weight = g * gamma.float() + torch.outer(s, beta.float())
