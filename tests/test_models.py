@@ -456,3 +456,58 @@ def test_norm_linear_refuses_an_input_that_requires_grad() -> None:
         norm_linear(torch.randn(2, 4, requires_grad=True), norm, linear)
     with pytest.raises(ValueError, match=r"expected x \[R, 4\]"):
         norm_linear(torch.randn(2, 5), norm, linear)
+
+
+def _full_batch(dims: dict[str, int], clips: int = 4, seed: int = 3) -> FeatureBatch:
+    """Every clip with 128 stored rows: the windows are the rows (the audio case)."""
+    g = torch.Generator().manual_seed(seed)
+    # far from zero (mean 200, std 2): a one-pass variance would lose digits here
+    rows = {m: (torch.randn(clips * STEPS, d, generator=g) * 2 + 200).half()
+            for m, d in dims.items()}
+    return FeatureBatch(rows=rows, lengths={m: torch.full((clips,), STEPS) for m in dims},
+                        target=torch.rand(clips, 6, generator=g),
+                        ids=[f"{i:05d}" for i in range(clips)])
+
+
+@pytest.mark.slow  # torch.compile: tens of seconds on two cores, once per process
+def test_compiled_windows_equal_the_eager_path(odd_batch):
+    torch.manual_seed(1)
+    eager = net_of(ODD_DIMS, hidden=32)
+    fused = net_of(ODD_DIMS, hidden=32, compile_windows=True)
+    fused.load_state_dict(eager.state_dict())
+    assert all(b.compile_windows for b in fused.branches.values())
+    for batch in (odd_batch, _full_batch(ODD_DIMS)):
+        # evaluation: within 1e-5 (absent clips, one- and two-row windows, 128-row clips)
+        with torch.no_grad():
+            assert_outputs_close(fused.eval()(batch), eager.eval()(batch))
+        # training: the same masks (the kernel draws nothing), the same gradients
+        outs, grads = [], []
+        for net in (eager, fused):
+            torch.manual_seed(2)
+            outs.append(net.train()(batch))
+            grads.append(gradients(net, outs[-1]))
+        assert_outputs_close(outs[1], outs[0])
+        for name, g in grads[0].items():
+            torch.testing.assert_close(grads[1][name], g, atol=1e-5, rtol=1e-5, msg=name)
+        # bf16-mixed: x̂ rounded to bfloat16 once, as the eager path's within bf16 tolerance
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            a, b = fused.eval()(batch), eager.eval()(batch)
+        torch.testing.assert_close(a.pred.float(), b.pred.float(), atol=2e-2, rtol=0)
+
+
+def test_compiled_windows_fall_back_to_eager_with_a_warning(odd_batch, monkeypatch):
+    from emimimic.models import projector
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(projector, "_COMPILED", {"prepare": broken})
+    torch.manual_seed(1)
+    eager = net_of(ODD_DIMS, hidden=32).eval()
+    fused = net_of(ODD_DIMS, hidden=32, compile_windows=True).eval()
+    fused.load_state_dict(eager.state_dict())
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="no C.. compiler found.*eagerly"):
+        got = fused(odd_batch)
+    with torch.no_grad():
+        assert_outputs_close(got, eager(odd_batch), atol=0)
+    assert projector._COMPILED.get("failed")

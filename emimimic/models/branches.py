@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from emimimic.constants import STEPS
 from emimimic.models.dropout import Dropout, keep_counts
-from emimimic.models.projector import norm_linear
+from emimimic.models.projector import norm_linear, norm_linear_windows
 from emimimic.pooling import Windows
 
 #: Pooling over time of every branch: the authors' final run uses the mean; ``lstm`` is the
@@ -154,6 +154,10 @@ class ModalityBranch(nn.Module):
         pooling: ``"mean"``, ``"attention"`` or ``"lstm"``.
         temporal: Whether to add the Conv1d + BiGRU temporal enhancement.
         dropout: Dropout probability used throughout the branch.
+        compile_windows: gather the windows and compute their LayerNorm statistics in one
+            ``torch.compile``-d kernel (CPU, float32 or bf16-mixed; see
+            :func:`~emimimic.models.projector.norm_linear_windows`). Same results to float32
+            rounding; the first batch pays the compile.
     """
 
     #: With mean pooling and nothing between the projector and the pooling (no temporal block,
@@ -165,7 +169,8 @@ class ModalityBranch(nn.Module):
     window_dropout: bool = True
 
     def __init__(self, in_dim: int, num_targets: int, hidden: int = 256,
-                 pooling: Pooling = "mean", temporal: bool = False, dropout: float = 0.2) -> None:
+                 pooling: Pooling = "mean", temporal: bool = False, dropout: float = 0.2,
+                 compile_windows: bool = False) -> None:
         super().__init__()
         if pooling not in get_args(Pooling):
             raise ValueError(f"pooling must be one of {get_args(Pooling)}, got {pooling!r}")
@@ -175,6 +180,7 @@ class ModalityBranch(nn.Module):
                 f"num_targets={num_targets}, hidden={hidden}"
             )
         self.in_dim = in_dim
+        self.compile_windows = bool(compile_windows)
         self.projector = nn.Sequential(
             nn.LayerNorm(in_dim),
             nn.Linear(in_dim, hidden),
@@ -222,9 +228,12 @@ class ModalityBranch(nn.Module):
         # normalising them in float16 costs less than a float32 copy, and the matmul rounds to
         # the autocast dtype anyway. Otherwise they are the parameters' dtype (float32).
         mixed = rows.dtype == torch.float16 and torch.is_autocast_enabled(rows.device.type)
-        x = win.gather(rows, rows.dtype if mixed else linear.weight.dtype)
-        # each distinct window projected once; x is the gather's own copy unless it is rows
-        h = act(norm_linear(x, norm, linear, overwrite=x is not rows))
+        h = norm_linear_windows(rows, win, norm, linear) if self.compile_windows else None
+        if h is None:
+            x = win.gather(rows, rows.dtype if mixed else linear.weight.dtype)
+            # each distinct window projected once; x is the gather's own copy unless it is rows
+            h = norm_linear(x, norm, linear, overwrite=x is not rows)
+        h = act(h)
         if self.training and self._drops_by_window(rows, keep_steps):
             # mean pooling right after the dropout: the pooled value depends on each window's
             # number of steps that keep an element, one Binomial draw per window and element
@@ -298,8 +307,9 @@ class AudioVADBranch(ModalityBranch):
         pooling: Pooling = "mean",
         temporal: bool = False,
         dropout: float = 0.2,
+        compile_windows: bool = False,
     ) -> None:
-        super().__init__(in_dim, num_targets, hidden, pooling, temporal, dropout)
+        super().__init__(in_dim, num_targets, hidden, pooling, temporal, dropout, compile_windows)
         self.vad_head = nn.Sequential(
             nn.LayerNorm(hidden),
             nn.Linear(hidden, hidden // 2),

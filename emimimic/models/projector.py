@@ -25,11 +25,14 @@ windows of a batch's text (``[1568, 4096]``), 2.5–3.6 instead of 4.9–5.1 for
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from emimimic.pooling import Windows
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -44,12 +47,17 @@ class _NormLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, gamma: Tensor, beta: Tensor, weight: Tensor, bias: Tensor,
-                eps: float, overwrite: bool) -> Tensor:
+                eps: float, overwrite: bool, prepared: bool = False,
+                row_scale: Tensor | None = None) -> Tensor:
         dtype = _autocast_dtype(x.device) or weight.dtype
         with torch.autocast(x.device.type, enabled=False):
             w = (weight * gamma).to(dtype)  # W diag(γ): scales column d by γ_d
             b = torch.addmv(bias, weight, beta).to(dtype)
-            if overwrite and x.dtype == dtype == torch.float32:
+            if prepared:  # x̂ (row_scale None), or x centred with its row scale (float32)
+                xhat, scale = x, row_scale
+                y = (torch.addmm(b, xhat, w.t()) if scale is None
+                     else torch.mm(xhat, w.t()).mul_(scale).add_(b))
+            elif overwrite and x.dtype == dtype == torch.float32:
                 # centred in place; the row scale goes onto the output (see the module docstring)
                 width = x.shape[1]
                 xhat = x.sub_(x.sum(1, keepdim=True).div_(width))
@@ -76,7 +84,7 @@ class _NormLinear(torch.autograd.Function):
             d_gamma = (weight.float() * g).sum(0)
             d_beta = weight.float().t() @ s
         return (None, d_gamma.to(gamma.dtype), d_beta.to(beta.dtype), d_weight.to(weight.dtype),
-                s.to(weight.dtype), None, None)
+                s.to(weight.dtype), None, None, None, None)
 
 
 def norm_linear(x: Tensor, norm: nn.LayerNorm, linear: nn.Linear,
@@ -106,3 +114,70 @@ def norm_linear(x: Tensor, norm: nn.LayerNorm, linear: nn.Linear,
         raise ValueError("norm_linear needs an affine LayerNorm and a Linear with a bias")
     return _NormLinear.apply(x, norm.weight, norm.bias, linear.weight, linear.bias, norm.eps,
                              overwrite)
+
+
+def _prepare_windows(rows: Tensor, first: Tensor, last: Tensor, absent: Tensor, eps: float,
+                     dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """The windows' gather and LayerNorm statistics (compiled into one kernel by
+    :func:`norm_linear_windows`): float32 ``(x - mean, r)``, or ``x̂ = (x - mean) r`` in ``dtype``.
+
+    A window is ``float16((float32(rows[first]) + float32(rows[last])) / 2)``, the row itself
+    when ``first == last``: :meth:`Windows.gather`'s values, bit for bit.
+    """
+    pair = (rows.index_select(0, first).float() + rows.index_select(0, last).float()) * 0.5
+    x = torch.where(absent[:, None], 0.0, pair.half().float())
+    centred = x - x.mean(1, keepdim=True)
+    scale = torch.rsqrt((centred * centred).mean(1, keepdim=True) + eps)
+    if dtype == torch.float32:
+        return centred, scale
+    return (centred * scale).to(dtype), None
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def _compiled_prepare() -> Any:
+    """Returns :func:`_prepare_windows` compiled once per process (shapes dynamic)."""
+    if "prepare" not in _COMPILED:
+        # emulate_precision_casts keeps the float16 rounding of two-row windows, which the
+        # compiler would otherwise fold away (then values differ by up to 2**-11 relative)
+        _COMPILED["prepare"] = torch.compile(_prepare_windows, dynamic=True,
+                                             options={"emulate_precision_casts": True})
+    return _COMPILED["prepare"]
+
+
+def compiled_windows_apply(rows: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`norm_linear_windows` compiles for these rows and parameters: on the CPU,
+    float32 parameters, and float32 or bfloat16 matmuls (no autocast, or CPU bf16 autocast)."""
+    dtype = _autocast_dtype(rows.device) or weight.dtype
+    return (rows.device.type == "cpu" and weight.dtype == torch.float32 and rows.shape[0] > 0
+            and dtype in (torch.float32, torch.bfloat16) and "failed" not in _COMPILED)
+
+
+def norm_linear_windows(rows: Tensor, win: Windows, norm: nn.LayerNorm,
+                        linear: nn.Linear) -> Tensor | None:
+    """Returns ``linear(norm(win.gather(rows)))`` with the gather, the centring and the row
+    statistics in one ``torch.compile``-d kernel, or None where it does not apply
+    (:func:`compiled_windows_apply`) or the compiler failed (a warning says why, once).
+
+    The eager path passes over the windows' ``[W, D]`` values five times (gather, float32 copy,
+    sum, centring, norm); the compiled kernel reads the stored rows once and writes the centred
+    windows once. Results equal the eager path to float32 rounding (the statistics' sums run in
+    another order). The first call compiles (tens of seconds on two cores; torch caches the
+    kernel on disk for later processes); it needs the C++ compiler that torch's Inductor uses.
+    """
+    if not compiled_windows_apply(rows, linear.weight):
+        return None
+    dtype = _autocast_dtype(rows.device) or linear.weight.dtype
+    limit = rows.shape[0] - 1
+    try:
+        x, scale = _compiled_prepare()(rows, win.first.clamp(max=limit), win.last.clamp(max=limit),
+                                       win.absent, norm.eps, dtype)
+    except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
+        _COMPILED["failed"] = True
+        warnings.warn(f"compile_windows: torch.compile failed ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0] if str(err) else ''}); the windows are "
+                      f"gathered and normalised eagerly from now on", RuntimeWarning, stacklevel=2)
+        return None
+    return _NormLinear.apply(x, norm.weight, norm.bias, linear.weight, linear.bias, norm.eps,
+                             False, True, scale)

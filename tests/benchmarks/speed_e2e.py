@@ -13,7 +13,11 @@ same as ``speed.py``), batch 32, the paper's final model, 32-true (or ``--precis
   projector's forward and backward and ``log_dict`` timed on top: loader, transfer, the
   projector matmuls, the rest of the forward, backward, optimizer, EMA, logging (ms per step).
 
-    python tests/benchmarks/speed_e2e.py --clips 1024
+``--compile-windows`` runs the model with ``compile_windows: true`` (the windows' gather and
+LayerNorm statistics in one compiled kernel; the compile is warmed up before any timing, and it
+then counts under "rest of the forward", the projector rows holding only the matmuls).
+
+    python tests/benchmarks/speed_e2e.py --clips 1024 [--compile-windows]
 """
 
 from __future__ import annotations
@@ -39,32 +43,45 @@ from speed import LENGTHS, MatmulBound, build_store, time_epoch  # noqa: E402
 
 
 class EpochTimer(Callback):
-    """Writes each training epoch's and validation's wall seconds to ``path`` (JSON lines)."""
+    """Writes each training epoch's wall seconds and clips, and validation's from its second
+    batch on (the first of a ``validate`` process loads any compiled kernel), to ``path``."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.start: dict[str, float] = {}
+        self.clips = 0
 
-    def _write(self, stage: str, trainer) -> None:
+    def _write(self, stage: str, trainer, clips: int) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps({"stage": stage, "epoch": trainer.current_epoch,
+            f.write(json.dumps({"stage": stage, "epoch": trainer.current_epoch, "clips": clips,
                                 "seconds": time.perf_counter() - self.start[stage]}) + "\n")
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.start["train"] = time.perf_counter()
+        self.start["train"], self.clips = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.clips += len(batch)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._write("train", trainer)
+        self._write("train", trainer, self.clips)
 
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self.start["val"] = time.perf_counter()
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx,
+                                  dataloader_idx=0) -> None:
+        if batch_idx == 1:
+            self.start["val"], self.clips = time.perf_counter(), 0
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx=0) -> None:
+        if batch_idx >= 1:
+            self.clips += len(batch)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
-            self._write("val", trainer)
+            self._write("val", trainer, self.clips)
 
 
-def cli_rows(store: Path, root: Path, epochs: int, precision: str, threads: int) -> dict:
+def cli_rows(store: Path, root: Path, epochs: int, precision: str, threads: int,
+             extra: list[str]) -> dict:
     """Returns end-to-end clips/s of training and evaluation through the CLI."""
     timings = root / "timings.jsonl"
     timings.unlink(missing_ok=True)
@@ -76,7 +93,8 @@ def cli_rows(store: Path, root: Path, epochs: int, precision: str, threads: int)
               "--data.num_workers", "0", "--checkpoint", "null", "--last_checkpoint", "null",
               "--trainer.enable_checkpointing", "false",
               "--trainer.callbacks+=" + json.dumps({"class_path": "speed_e2e.EpochTimer",
-                                                    "init_args": {"path": str(timings)}})]
+                                                    "init_args": {"path": str(timings)}}),
+              *extra]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent),
            "OMP_NUM_THREADS": str(threads)}
     for args in (["fit", "--trainer.max_epochs", str(epochs), "--trainer.num_sanity_val_steps",
@@ -87,18 +105,21 @@ def cli_rows(store: Path, root: Path, epochs: int, precision: str, threads: int)
         if done.returncode:
             raise SystemExit(done.stderr[-3000:])
     rows = [json.loads(line) for line in timings.read_text().splitlines()]
-    train = [r["seconds"] for r in rows if r["stage"] == "train"][1:]  # after a warm-up epoch
-    val = [r["seconds"] for r in rows if r["stage"] == "val"]
-    return {"train": min(train), "eval": min(val)}
+    train = [r["clips"] / r["seconds"] for r in rows if r["stage"] == "train"][1:]  # warm-up
+    val = [r["clips"] / r["seconds"] for r in rows if r["stage"] == "val"]
+    return {"train": max(train), "eval": max(val)}
 
 
-def phases(store: Path, root: Path, steps: int, precision: str) -> dict[str, float]:
+def phases(store: Path, root: Path, steps: int, precision: str,
+           compile_windows: bool) -> dict[str, float]:
     """Returns milliseconds per training step and per evaluation step, by phase."""
+    from functools import partial
+
     from lightning.pytorch import Trainer
     from lightning.pytorch.profilers import SimpleProfiler
 
     from emimimic.data import EMIDataModule
-    from emimimic.models import projector
+    from emimimic.models import EMINetwork, projector
     from emimimic.training import EMA, EMIModule, default_callbacks
 
     spent: dict[str, list[float]] = defaultdict(list)
@@ -119,7 +140,14 @@ def phases(store: Path, root: Path, steps: int, precision: str) -> dict[str, flo
     try:
         data = EMIDataModule(str(store), batch_size=32, val_split="train")
         model = EMIModule(dims=data.dims, targets=data.targets,
+                          network=partial(EMINetwork, compile_windows=compile_windows),
                           optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4, weight_decay=1e-4))
+        if compile_windows:  # compiled before the profile: a training and an inference pass
+            data.setup("fit")
+            batch = data.prepare_batch(next(iter(data.val_dataloader())))
+            model.train()(batch)
+            with torch.inference_mode():
+                model.eval()(batch)
         profiler = SimpleProfiler(dirpath=str(root), filename="profile")  # its report to a file
         trainer = Trainer(accelerator="cpu", precision=precision, max_epochs=1,
                           limit_train_batches=steps, limit_val_batches=steps,
@@ -174,7 +202,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--compile-windows", action="store_true",
+                        help="the model with compile_windows: true")
     args = parser.parse_args()
+    extra = ["--model.network.compile_windows", "true"] if args.compile_windows else []
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         store = build_store(Path(tmp) / "store", args.clips)
@@ -191,17 +222,19 @@ def main() -> None:
         bound_eval = min(time_epoch(bound.eval, batches) for _ in range(3))
         flops = sum(2 * b.window(m).first.shape[0] * PAPER_DIMS[m] * 256
                     for b in batches for m in PAPER_DIMS)
-        e2e = cli_rows(store, Path(tmp) / "cli", args.epochs, args.precision, threads)
-        profile = phases(store, Path(tmp) / "profile", args.steps, args.precision)
+        e2e = cli_rows(store, Path(tmp) / "cli", args.epochs, args.precision, threads, extra)
+        profile = phases(store, Path(tmp) / "profile", args.steps, args.precision,
+                         args.compile_windows)
     n = args.clips
     print(f"{n} clips, paper dims {PAPER_DIMS}, lengths ~{LENGTHS}, batch 32, {args.precision}, "
-          f"{threads} threads; matmul bound at {flops / bound_eval / 1e9:.1f} GFLOP/s "
+          f"{threads} threads{', compile_windows' * args.compile_windows}; matmul bound"
+          f" at {flops / bound_eval / 1e9:.1f} GFLOP/s "
           f"(forward) and {2 * flops / bound_train / 1e9:.1f} GFLOP/s (forward + backward)")
     print("\n| row | train clips/s | eval clips/s | train / matmul bound | eval / matmul bound |")
     print("|---|---|---|---|---|")
     print(f"| matmul bound | {n / bound_train:.1f} | {n / bound_eval:.1f} | 1.00 | 1.00 |")
-    print(f"| end to end through the CLI | {n / e2e['train']:.1f} | {n / e2e['eval']:.1f} | "
-          f"{bound_train / e2e['train']:.2f} | {bound_eval / e2e['eval']:.2f} |")
+    print(f"| end to end through the CLI | {e2e['train']:.1f} | {e2e['eval']:.1f} | "
+          f"{e2e['train'] * bound_train / n:.2f} | {e2e['eval'] * bound_eval / n:.2f} |")
     print("\n| phase | ms per step |\n|---|---|")
     for name, value in profile.items():
         print(f"| {name} | {value:.1f} |")
