@@ -220,7 +220,8 @@ def test_build_network_records_a_spec_that_rebuilds_the_same_network():
         assert spec["class_path"] == "emimimic.models.network.EMINetwork"
         # every option, defaults filled in, so a later default change cannot alter the model
         assert set(spec["init_args"]) == {"fusion", "fusion_args", "pooling", "temporal", "vad",
-                                          "hidden", "dropout", "modality_dropout"}
+                                          "hidden", "dropout", "modality_dropout",
+                                          "compile_windows"}
         again, spec2 = build_network(spec, dims, TARGETS)
         assert spec2 == spec
         assert {k: v.shape for k, v in again.state_dict().items()} == {
