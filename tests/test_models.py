@@ -511,3 +511,23 @@ def test_compiled_windows_fall_back_to_eager_with_a_warning(odd_batch, monkeypat
     with torch.no_grad():
         assert_outputs_close(got, eager(odd_batch), atol=0)
     assert projector._COMPILED.get("failed")
+
+
+def test_compiled_windows_take_only_the_stores_float16_rows(odd_batch, monkeypatch):
+    from emimimic.models import projector
+
+    monkeypatch.setattr(projector, "_COMPILED", {})  # nothing compiled in this test
+    torch.manual_seed(1)
+    eager = net_of(ODD_DIMS, hidden=32).eval()
+    fused = net_of(ODD_DIMS, hidden=32, compile_windows=True).eval()
+    fused.load_state_dict(eager.state_dict())
+    # float32 rows: a one-row window is the row itself, not its float16 rounding -> eager path
+    wide = FeatureBatch(rows={m: r.float() for m, r in odd_batch.rows.items()},
+                        lengths=odd_batch.lengths, target=odd_batch.target, ids=odd_batch.ids)
+    with torch.no_grad():
+        assert_outputs_close(fused(wide), eager(wide), atol=0)
+    assert projector._COMPILED == {}
+    branch = fused.branches["text"]
+    rows = odd_batch.rows["text"].clone().float().requires_grad_()
+    with pytest.raises(ValueError, match="rows must not require"):
+        projector.norm_linear_windows(rows, odd_batch.window("text"), *branch.projector[:2])

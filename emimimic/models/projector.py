@@ -147,10 +147,12 @@ def _compiled_prepare() -> Any:
 
 
 def compiled_windows_apply(rows: Tensor, weight: Tensor) -> bool:
-    """Whether :func:`norm_linear_windows` compiles for these rows and parameters: on the CPU,
-    float32 parameters, and float32 or bfloat16 matmuls (no autocast, or CPU bf16 autocast)."""
+    """Whether :func:`norm_linear_windows` compiles for these rows and parameters: the store's
+    float16 rows on the CPU, float32 parameters, and float32 or bfloat16 matmuls (no autocast,
+    or CPU bf16 autocast)."""
     dtype = _autocast_dtype(rows.device) or weight.dtype
-    return (rows.device.type == "cpu" and weight.dtype == torch.float32 and rows.shape[0] > 0
+    return (rows.device.type == "cpu" and rows.dtype == torch.float16 and rows.shape[0] > 0
+            and weight.dtype == torch.float32
             and dtype in (torch.float32, torch.bfloat16) and "failed" not in _COMPILED)
 
 
@@ -165,7 +167,13 @@ def norm_linear_windows(rows: Tensor, win: Windows, norm: nn.LayerNorm,
     windows once. Results equal the eager path to float32 rounding (the statistics' sums run in
     another order). The first call compiles (tens of seconds on two cores; torch caches the
     kernel on disk for later processes); it needs the C++ compiler that torch's Inductor uses.
+
+    Raises:
+        ValueError: ``rows`` require a gradient (none is computed for them).
     """
+    if rows.requires_grad:
+        raise ValueError("norm_linear_windows computes no input gradient; rows must not require "
+                         "one")
     if not compiled_windows_apply(rows, linear.weight):
         return None
     dtype = _autocast_dtype(rows.device) or linear.weight.dtype
