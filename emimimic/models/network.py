@@ -54,8 +54,9 @@ class EMINetwork(nn.Module):
             :func:`~emimimic.models.dropout.drop_modalities`).
         compile_windows: on the CPU, gather each branch's windows and compute their LayerNorm
             statistics in one ``torch.compile``-d kernel (the same results to float32
-            rounding; evaluation about 1.5x, training 1.1-1.2x the steps per second on two
-            cores; the first batch compiles, tens of seconds, cached on disk after). Needs the
+            rounding; about 1.2x the clips per second end to end on two cores, training and
+            evaluation, and 2.2x for the model's evaluation under bf16-mixed; the first batch
+            compiles, tens of seconds, cached on disk after). Needs the
             C++ compiler torch's Inductor uses; without one it warns and runs eagerly.
 
     Raises:
