@@ -170,10 +170,15 @@ class Windows:
             return rows.new_zeros(self.first.shape[0], rows.shape[1], dtype=dtype)
         if self.rows_only:  # every clip has 128 stored rows: the windows are the rows
             return rows if dtype == rows.dtype else rows.to(dtype)
-        limit = rows.shape[0] - 1
-        first, last = self.first.clamp(max=limit), self.last.clamp(max=limit)
+        first, last = self.bounds(rows)
         out = _mean_pairs(rows, first, last, rows.index_select(0, first).to(dtype))
         return out.masked_fill_(self.absent[:, None], 0.0) if self.any_absent else out
+
+    def bounds(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns each window's first and last row in ``rows`` (non-empty), absent clips' windows
+        pointing at the last row (their values are zeroed after)."""
+        limit = rows.shape[0] - 1
+        return self.first.clamp(max=limit), self.last.clamp(max=limit)
 
     def expand(self, values: Tensor) -> Tensor:
         """Returns the per-step values [B, 128, H] of per-window ``values`` [W, H].

@@ -55,21 +55,19 @@ class _NormLinear(torch.autograd.Function):
             b = torch.addmv(bias, weight, beta).to(dtype)
             if prepared:  # x̂ (row_scale None), or x centred with its row scale (float32)
                 xhat, scale = x, row_scale
-                y = (torch.addmm(b, xhat, w.t()) if scale is None
-                     else torch.mm(xhat, w.t()).mul_(scale).add_(b))
             elif overwrite and x.dtype == dtype == torch.float32:
                 # centred in place; the row scale goes onto the output (see the module docstring)
                 width = x.shape[1]
                 xhat = x.sub_(x.sum(1, keepdim=True).div_(width))
                 scale = torch.linalg.vector_norm(xhat, dim=1, keepdim=True)
                 scale = scale.square_().div_(width).add_(eps).rsqrt_()
-                y = torch.mm(xhat, w.t()).mul_(scale).add_(b)
             else:
                 # a float16 input (mixed precision) is normalised as it is, float32 statistics
                 src = x if x.dtype == torch.float16 and dtype != weight.dtype else x.float()
                 xhat = F.layer_norm(src, (x.shape[-1],), eps=eps).to(dtype)
                 scale = None
-                y = torch.addmm(b, xhat, w.t())
+            y = (torch.addmm(b, xhat, w.t()) if scale is None
+                 else torch.mm(xhat, w.t()).mul_(scale).add_(b))
         ctx.save_for_backward(xhat, gamma, beta, weight, scale)
         return y
 
@@ -146,21 +144,22 @@ def _compiled_prepare() -> Any:
     return _COMPILED["prepare"]
 
 
-def compiled_windows_apply(rows: Tensor, weight: Tensor) -> bool:
-    """Whether :func:`norm_linear_windows` compiles for these rows and parameters: the store's
-    float16 rows on the CPU, float32 parameters, and float32 or bfloat16 matmuls (no autocast,
-    or CPU bf16 autocast)."""
+def _compiled_dtype(rows: Tensor, weight: Tensor) -> torch.dtype | None:
+    """Returns the matmul dtype where :func:`norm_linear_windows` compiles, else None: the
+    store's float16 rows on the CPU, float32 parameters, and float32 or bfloat16 matmuls (no
+    autocast, or CPU bf16 autocast), unless the compiler failed earlier."""
     dtype = _autocast_dtype(rows.device) or weight.dtype
-    return (rows.device.type == "cpu" and rows.dtype == torch.float16 and rows.shape[0] > 0
-            and weight.dtype == torch.float32
-            and dtype in (torch.float32, torch.bfloat16) and "failed" not in _COMPILED)
+    applies = (rows.device.type == "cpu" and rows.dtype == torch.float16 and rows.shape[0] > 0
+               and weight.dtype == torch.float32
+               and dtype in (torch.float32, torch.bfloat16) and "failed" not in _COMPILED)
+    return dtype if applies else None
 
 
 def norm_linear_windows(rows: Tensor, win: Windows, norm: nn.LayerNorm,
                         linear: nn.Linear) -> Tensor | None:
     """Returns ``linear(norm(win.gather(rows)))`` with the gather, the centring and the row
     statistics in one ``torch.compile``-d kernel, or None where it does not apply
-    (:func:`compiled_windows_apply`) or the compiler failed (a warning says why, once).
+    (:func:`_compiled_dtype`) or the compiler failed (a warning says why, once).
 
     The eager path passes over the windows' ``[W, D]`` values five times (gather, float32 copy,
     sum, centring, norm); the compiled kernel reads the stored rows once and writes the centred
@@ -174,13 +173,11 @@ def norm_linear_windows(rows: Tensor, win: Windows, norm: nn.LayerNorm,
     if rows.requires_grad:
         raise ValueError("norm_linear_windows computes no input gradient; rows must not require "
                          "one")
-    if not compiled_windows_apply(rows, linear.weight):
+    dtype = _compiled_dtype(rows, linear.weight)
+    if dtype is None:
         return None
-    dtype = _autocast_dtype(rows.device) or linear.weight.dtype
-    limit = rows.shape[0] - 1
     try:
-        x, scale = _compiled_prepare()(rows, win.first.clamp(max=limit), win.last.clamp(max=limit),
-                                       win.absent, norm.eps, dtype)
+        x, scale = _compiled_prepare()(rows, *win.bounds(rows), win.absent, norm.eps, dtype)
     except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
         _COMPILED["failed"] = True
         warnings.warn(f"compile_windows: torch.compile failed ({type(err).__name__}: "

@@ -49,35 +49,36 @@ class EpochTimer(Callback):
     def __init__(self, path: str) -> None:
         self.path = path
         self.start: dict[str, float] = {}
-        self.clips = 0
+        self.clips = {"train": 0, "val": 0}  # validation runs inside fit's last training epoch
 
-    def _write(self, stage: str, trainer, clips: int) -> None:
+    def _write(self, stage: str, trainer) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps({"stage": stage, "epoch": trainer.current_epoch, "clips": clips,
+            f.write(json.dumps({"stage": stage, "epoch": trainer.current_epoch,
+                                "clips": self.clips[stage],
                                 "seconds": time.perf_counter() - self.start[stage]}) + "\n")
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.start["train"], self.clips = time.perf_counter(), 0
+        self.start["train"], self.clips["train"] = time.perf_counter(), 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.clips += len(batch)
+        self.clips["train"] += len(batch)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._write("train", trainer, self.clips)
+        self._write("train", trainer)
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx,
                                   dataloader_idx=0) -> None:
         if batch_idx == 1:
-            self.start["val"], self.clips = time.perf_counter(), 0
+            self.start["val"], self.clips["val"] = time.perf_counter(), 0
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
                                 dataloader_idx=0) -> None:
         if batch_idx >= 1:
-            self.clips += len(batch)
+            self.clips["val"] += len(batch)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
-            self._write("val", trainer, self.clips)
+            self._write("val", trainer)
 
 
 def cli_rows(store: Path, root: Path, epochs: int, precision: str, threads: int,
