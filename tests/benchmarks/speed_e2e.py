@@ -9,6 +9,10 @@ same as ``speed.py``), batch 32, the paper's final model, 32-true (or ``--precis
 * ``matmul bound``: only the projector matmuls of those batches (as in ``speed.py``), in the
   same process and run, so the ratios compare like with like; its GFLOP/s is printed so that
   another machine's figures can be compared;
+* ``floor``: float16 -> float32 copies of the same batches' windows into buffers made
+  beforehand, the least memory traffic of any path that feeds a library float32 GEMM from the
+  store's float16 rows (no LayerNorm statistics, no loader, no other layer); ``bound / (bound +
+  floor)`` is then the highest ratio such a path can reach on this machine;
 * ``by phase``: one ``Trainer.fit`` in this process with Lightning's ``SimpleProfiler``, the
   projector's forward and backward and ``log_dict`` timed on top: loader, transfer, the
   projector matmuls, the rest of the forward, backward, optimizer, EMA, logging (ms per step).
@@ -79,6 +83,21 @@ class EpochTimer(Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
             self._write("val", trainer)
+
+
+class WindowFloor:
+    """Float16 -> float32 copies of each batch's ``[W, D]`` windows into buffers made beforehand
+    (random values: a copy's time does not depend on them)."""
+
+    def __init__(self, batches: list, dims: dict[str, int]) -> None:
+        self.pairs = [{m: (torch.randn(b.window(m).first.shape[0], d).half(),
+                           torch.empty(b.window(m).first.shape[0], d)) for m, d in dims.items()}
+                      for b in batches]
+        self.batches = {id(b): i for i, b in enumerate(batches)}
+
+    def copy(self, b) -> None:
+        for src, dst in self.pairs[self.batches[id(b)]].values():
+            dst.copy_(src)
 
 
 def cli_rows(store: Path, root: Path, epochs: int, precision: str, threads: int,
@@ -221,6 +240,9 @@ def main() -> None:
         bound = MatmulBound(net, batches, dtype)
         bound_train = min(time_epoch(bound.train, batches) for _ in range(3))
         bound_eval = min(time_epoch(bound.eval, batches) for _ in range(3))
+        floor = WindowFloor(batches, PAPER_DIMS)
+        floor_copy = min(time_epoch(floor.copy, batches) for _ in range(3))
+        del floor
         flops = sum(2 * b.window(m).first.shape[0] * PAPER_DIMS[m] * 256
                     for b in batches for m in PAPER_DIMS)
         e2e = cli_rows(store, Path(tmp) / "cli", args.epochs, args.precision, threads, extra)
@@ -236,6 +258,12 @@ def main() -> None:
     print(f"| matmul bound | {n / bound_train:.1f} | {n / bound_eval:.1f} | 1.00 | 1.00 |")
     print(f"| end to end through the CLI | {e2e['train']:.1f} | {e2e['eval']:.1f} | "
           f"{e2e['train'] * bound_train / n:.2f} | {e2e['eval'] * bound_eval / n:.2f} |")
+    per = 1000 / len(batches)
+    print(f"\nfloat16 -> float32 windows alone: {per * floor_copy:.1f} ms per batch (bound: "
+          f"{per * bound_train:.1f} train, {per * bound_eval:.1f} eval); the highest ratio a path "
+          f"through a float32 library GEMM can reach here: train "
+          f"{bound_train / (bound_train + floor_copy):.2f}, eval "
+          f"{bound_eval / (bound_eval + floor_copy):.2f}")
     print("\n| phase | ms per step |\n|---|---|")
     for name, value in profile.items():
         print(f"| {name} | {value:.1f} |")
