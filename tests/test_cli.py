@@ -147,7 +147,8 @@ def test_ddp_validate_and_predict_match_one_process(fitted, tmp_path):
         "7",
     ]
     one, two = tmp_path / "one", tmp_path / "two"
-    _run("validate", *common, "--trainer.default_root_dir", str(one))
+    # the one-process runs in this process (a fresh one is another test's point), DDP's in two
+    cli_main(["validate", *common, "--trainer.default_root_dir", str(one)])
     ddp = _run(
         "validate",
         *common,
@@ -165,7 +166,8 @@ def test_ddp_validate_and_predict_match_one_process(fitted, tmp_path):
     assert r2 == pytest.approx(r1, abs=1e-6)
 
     sub1, sub2 = tmp_path / "one.csv", tmp_path / "two.csv"
-    _run("predict", *common, "--trainer.default_root_dir", str(one), "--submission.path", str(sub1))
+    cli_main(["predict", *common, "--trainer.default_root_dir", str(one), "--submission.path",
+              str(sub1)])
     _run(
         "predict",
         *common,
