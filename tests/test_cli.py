@@ -100,7 +100,7 @@ def test_validate_best_in_fresh_process_reproduces_fit_score(fitted, store):
 
 
 @pytest.mark.slow
-def test_predict_best_writes_submission_once_per_clip(fitted, store, tmp_path):
+def test_predict_best_writes_submission_once_per_clip(fitted, store, tmp_path, capsys):
     out = tmp_path / "submission.csv"
     args = _quickstart(
         "predict", store, fitted, "--ckpt_path", "best", "--submission.path", str(out)
@@ -119,10 +119,12 @@ def test_predict_best_writes_submission_once_per_clip(fitted, store, tmp_path):
     values = torch.tensor([[float(v) for v in r[1:]] for r in rows[1:]])
     assert values.min() >= 0 and values.max() <= 1 and values.std(0).min() > 0
 
-    # A second predict must not overwrite the user's file.
+    # A second predict must not overwrite the user's file (asked in this process: the same CLI).
     before = out.read_bytes()
-    proc = _run(*args, check=False)
-    assert proc.returncode != 0 and "already exists" in proc.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        main(args)
+    assert refused.value.code != 0 and "already exists" in capsys.readouterr().err
     assert out.read_bytes() == before
 
 
