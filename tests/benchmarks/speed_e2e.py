@@ -15,13 +15,21 @@ same as ``speed.py``), batch 32, the paper's final model, 32-true (or ``--precis
   floor)`` is then the highest ratio such a path can reach on this machine;
 * ``by phase``: one ``Trainer.fit`` in this process with Lightning's ``SimpleProfiler``, the
   projector's forward and backward and ``log_dict`` timed on top: loader, transfer, the
-  projector matmuls, the rest of the forward, backward, optimizer, EMA, logging (ms per step).
+  projector matmuls, the rest of the forward, backward, optimizer, EMA, logging (ms per step);
+  the loader's reads of training and validation batches apart; "step, all" is the wall time of
+  the training steps and of the validation batches after the first, per batch (every hook and
+  the loop included).
 
 ``--compile-windows`` runs the model with ``compile_windows: true`` (the windows' gather and
 LayerNorm statistics in one compiled kernel; the compile is warmed up before any timing, and it
 then counts under "rest of the forward", the projector rows holding only the matmuls).
 
     python tests/benchmarks/speed_e2e.py --clips 1024 [--compile-windows]
+    python tests/benchmarks/speed_e2e.py --clips 1024 --compare --rounds 4
+
+``--compare`` measures both models in every round, the first going second in the next round;
+``--rounds N`` then prints medians: on a shared machine whose speed drifts, only rows measured
+side by side, each against its own bound, separate effects of 10 %.
 """
 
 from __future__ import annotations
@@ -100,6 +108,37 @@ class WindowFloor:
             dst.copy_(src)
 
 
+class StageWall(Callback):
+    """Wall milliseconds per batch of a ``fit``'s training steps (from the epoch's start to its
+    validation's, which runs after them) and of its validation batches from the second on (as
+    :class:`EpochTimer`): every hook, callback and the loop itself included."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self.start, self.batches = 0.0, 0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.start, self.batches = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches += 1
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if "train" not in self.ms:
+            self.ms["train"] = 1000 * (time.perf_counter() - self.start) / self.batches
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx,
+                                  dataloader_idx=0) -> None:
+        if batch_idx == 1:
+            self.start, self.batches = time.perf_counter(), 0
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx=0) -> None:
+        if batch_idx >= 1:
+            self.batches += 1
+            self.ms["val"] = 1000 * (time.perf_counter() - self.start) / self.batches
+
+
 def cli_rows(store: Path, root: Path, epochs: int, precision: str, threads: int,
              extra: list[str]) -> dict:
     """Returns end-to-end clips/s of training and evaluation through the CLI."""
@@ -168,6 +207,7 @@ def phases(store: Path, root: Path, steps: int, precision: str,
             model.train()(batch)
             with torch.inference_mode():
                 model.eval()(batch)
+        wall = StageWall()
         profiler = SimpleProfiler(dirpath=str(root), filename="profile")  # its report to a file
         trainer = Trainer(accelerator="cpu", precision=precision, max_epochs=1,
                           limit_train_batches=steps, limit_val_batches=steps,
@@ -175,13 +215,24 @@ def phases(store: Path, root: Path, steps: int, precision: str,
                           enable_progress_bar=False, enable_model_summary=False,
                           gradient_clip_val=1.0, profiler=profiler,
                           use_distributed_sampler=False, default_root_dir=str(root),
-                          callbacks=default_callbacks(root, ema=EMA(0.999), checkpoint=None,
-                                                      last_checkpoint=None, lr_monitor=None))
+                          callbacks=[wall, *default_callbacks(root, ema=EMA(0.999), checkpoint=None,
+                                                              last_checkpoint=None,
+                                                              lr_monitor=None)])
         trainer.fit(model, datamodule=data)
     finally:
         projector._NormLinear.forward, projector._NormLinear.backward = fwd, bwd
         EMIModule.log_dict = log_dict
-    total = {k: float(np.sum(v)) for k, v in profiler.recorded_durations.items()}
+    durations = dict(profiler.recorded_durations)
+    # the loader's reads and the transfers of both loops share their names: the training
+    # batches' come first (the one validation runs after the epoch's training steps)
+    for key, name in (("[LightningDataModule]EMIDataModule.on_before_batch_transfer", "reads"),
+                      ("[Strategy]SingleDeviceStrategy.batch_to_device", "transfer")):
+        both = durations.pop(key)
+        if len(both) != 2 * steps:
+            raise SystemExit(f"{key}: expected {steps} training and {steps} validation calls, "
+                             f"got {len(both)} in all (fewer batches than --steps?)")
+        durations[f"{name} (train)"], durations[f"{name} (eval)"] = both[:steps], both[steps:]
+    total = {k: float(np.sum(v)) for k, v in durations.items()}
 
     def ms(*keys: str) -> float:
         return 1000 * sum(total.get(k, 0.0) for k in keys) / steps
@@ -191,8 +242,8 @@ def phases(store: Path, root: Path, steps: int, precision: str,
     fwd_eval = 1000 * sum(spent["projector forward"][3 * train_steps:]) / steps
     out = {
         "loader (plan)": ms("[_TrainingEpochLoop].train_dataloader_next"),
-        "loader (read rows)": ms("[LightningDataModule]EMIDataModule.on_before_batch_transfer"),
-        "host -> model transfer": ms("[Strategy]SingleDeviceStrategy.batch_to_device"),
+        "loader (read rows)": ms("reads (train)"),
+        "host -> model transfer": ms("transfer (train)"),
         "projector matmuls (forward)": fwd_train,
         "rest of the forward, loss": ms("[Strategy]SingleDeviceStrategy.training_step")
         - fwd_train - 1000 * sum(spent["logging"]) / steps,
@@ -204,16 +255,49 @@ def phases(store: Path, root: Path, steps: int, precision: str,
              "[Strategy]SingleDeviceStrategy.backward"),
         "EMA": ms("[Callback]EMA.on_train_batch_end"),
         "logging": 1000 * sum(spent["logging"]) / steps,
-        "training step, all": ms("run_training_batch",
-                                 "[_TrainingEpochLoop].train_dataloader_next",
-                                 "[LightningDataModule]EMIDataModule.on_before_batch_transfer",
-                                 "[Strategy]SingleDeviceStrategy.batch_to_device"),
+        "training step, all": wall.ms["train"],
         "eval: projector (forward)": fwd_eval,
-        "eval: step, all": ms("[Strategy]SingleDeviceStrategy.validation_step",
-                              "[_EvaluationLoop].val_next",
-                              "[LightningDataModule]EMIDataModule.on_before_batch_transfer"),
+        "eval: loader (read rows)": ms("reads (eval)"),
+        "eval: step, all": wall.ms["val"],
     }
     return out
+
+
+def measure(store: Path, root: Path, batches: list, args: argparse.Namespace,
+            compiled: bool) -> dict:
+    """Returns one measurement of a model variant: its bound, floor, CLI rows and phases."""
+    from emimimic.data.synth import PAPER_DIMS
+    from emimimic.models import EMINetwork
+
+    dtype = torch.bfloat16 if "bf16" in args.precision else torch.float32
+    bound = MatmulBound(EMINetwork(PAPER_DIMS), batches, dtype)
+    bound_train = min(time_epoch(bound.train, batches) for _ in range(3))
+    bound_eval = min(time_epoch(bound.eval, batches) for _ in range(3))
+    del bound
+    floor = WindowFloor(batches, PAPER_DIMS)
+    copies = min(time_epoch(floor.copy, batches) for _ in range(3))
+    del floor
+    extra = ["--model.network.compile_windows", "true"] if compiled else []
+    e2e = cli_rows(store, root / "cli", args.epochs, args.precision, torch.get_num_threads(),
+                   extra)
+    profile = phases(store, root / "profile", args.steps, args.precision, compiled)
+    flops = sum(2 * b.window(m).first.shape[0] * PAPER_DIMS[m] * 256
+                for b in batches for m in PAPER_DIMS)
+    n, per = args.clips, 1000 / len(batches)
+    return {"gflops": flops / bound_eval / 1e9, "gflops_train": 2 * flops / bound_train / 1e9,
+            "bound train": n / bound_train, "bound eval": n / bound_eval,
+            "train": e2e["train"], "eval": e2e["eval"],
+            "train / bound": e2e["train"] * bound_train / n,
+            "eval / bound": e2e["eval"] * bound_eval / n,
+            "copies ms": per * copies, "highest train": bound_train / (bound_train + copies),
+            "highest eval": bound_eval / (bound_eval + copies), "phases": profile}
+
+
+def _row(label: str, r: dict) -> str:
+    return (f"| {label} | {r['gflops']:.1f} | {r['bound train']:.1f} / {r['bound eval']:.1f} | "
+            f"{r['train']:.1f} / {r['eval']:.1f} | {r['train / bound']:.2f} | "
+            f"{r['eval / bound']:.2f} | {r['copies ms']:.1f} | "
+            f"{r['highest train']:.2f} / {r['highest eval']:.2f} |")
 
 
 def main() -> None:
@@ -224,49 +308,59 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--compile-windows", action="store_true",
                         help="the model with compile_windows: true")
+    parser.add_argument("--compare", action="store_true",
+                        help="both models, eager and compile_windows, alternating in each round")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every model this many times; medians at the end")
     args = parser.parse_args()
-    extra = ["--model.network.compile_windows", "true"] if args.compile_windows else []
-    threads = torch.get_num_threads()
+    variants = [False, True] if args.compare else [args.compile_windows]
+    name = {False: "eager", True: "compile_windows"}
+    results: dict[bool, list[dict]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         store = build_store(Path(tmp) / "store", args.clips)
         from emimimic.data import EMIDataModule
         from emimimic.data.synth import PAPER_DIMS
-        from emimimic.models import EMINetwork
 
         data = EMIDataModule(str(store), batch_size=32, val_split="train")
         batches = [data.prepare_batch(p) for p in data.val_dataloader()]
-        net = EMINetwork(PAPER_DIMS)
-        dtype = torch.bfloat16 if "bf16" in args.precision else torch.float32
-        bound = MatmulBound(net, batches, dtype)
-        bound_train = min(time_epoch(bound.train, batches) for _ in range(3))
-        bound_eval = min(time_epoch(bound.eval, batches) for _ in range(3))
-        floor = WindowFloor(batches, PAPER_DIMS)
-        floor_copy = min(time_epoch(floor.copy, batches) for _ in range(3))
-        del floor
-        flops = sum(2 * b.window(m).first.shape[0] * PAPER_DIMS[m] * 256
-                    for b in batches for m in PAPER_DIMS)
-        e2e = cli_rows(store, Path(tmp) / "cli", args.epochs, args.precision, threads, extra)
-        profile = phases(store, Path(tmp) / "profile", args.steps, args.precision,
-                         args.compile_windows)
-    n = args.clips
-    print(f"{n} clips, paper dims {PAPER_DIMS}, lengths ~{LENGTHS}, batch 32, {args.precision}, "
-          f"{threads} threads{', compile_windows' * args.compile_windows}; matmul bound"
-          f" at {flops / bound_eval / 1e9:.1f} GFLOP/s "
-          f"(forward) and {2 * flops / bound_train / 1e9:.1f} GFLOP/s (forward + backward)")
-    print("\n| row | train clips/s | eval clips/s | train / matmul bound | eval / matmul bound |")
-    print("|---|---|---|---|---|")
-    print(f"| matmul bound | {n / bound_train:.1f} | {n / bound_eval:.1f} | 1.00 | 1.00 |")
-    print(f"| end to end through the CLI | {e2e['train']:.1f} | {e2e['eval']:.1f} | "
-          f"{e2e['train'] * bound_train / n:.2f} | {e2e['eval'] * bound_eval / n:.2f} |")
-    per = 1000 / len(batches)
-    print(f"\nfloat16 -> float32 windows alone: {per * floor_copy:.1f} ms per batch (bound: "
-          f"{per * bound_train:.1f} train, {per * bound_eval:.1f} eval); the highest ratio a path "
-          f"through a float32 library GEMM can reach here: train "
-          f"{bound_train / (bound_train + floor_copy):.2f}, eval "
-          f"{bound_eval / (bound_eval + floor_copy):.2f}")
-    print("\n| phase | ms per step |\n|---|---|")
-    for name, value in profile.items():
-        print(f"| {name} | {value:.1f} |")
+        print(f"{args.clips} clips, paper dims {PAPER_DIMS}, lengths ~{LENGTHS}, batch 32, "
+              f"{args.precision}, {torch.get_num_threads()} threads; bound: the projector "
+              "matmuls alone (GFLOP/s of the forward); copies: float16 -> float32 windows "
+              "alone, the least a path through torch's float32 GEMM does; highest: the ratio "
+              "such a path reaches if all else is free", flush=True)
+        for k in range(args.rounds):
+            order = variants if k % 2 == 0 else variants[::-1]  # alternate who goes first
+            for compiled in order:
+                folder = Path(tmp) / f"round{k}-{name[compiled]}"
+                results[compiled].append(measure(store, folder, batches, args, compiled))
+                print(f"round {k + 1} {name[compiled]}: "
+                      + _row("", results[compiled][-1]).strip("| "), flush=True)
+    print("\n| round | model | bound GFLOP/s (fwd) | bound train / eval clips/s | end to end "
+          "train / eval clips/s | train / bound | eval / bound | copies alone, ms per batch | "
+          "highest train / eval |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for k in range(args.rounds):
+        order = variants if k % 2 == 0 else variants[::-1]
+        for compiled in order:
+            print(_row(f"{k + 1} | {name[compiled]}", results[compiled][k]))
+    if args.rounds > 1:
+        for compiled in variants:
+            runs = results[compiled]
+            median = {key: float(np.median([r[key] for r in runs]))
+                      for key in runs[0] if key != "phases"}
+            print(_row(f"median of {args.rounds} | **{name[compiled]}**", median))
+    steps = list(results[variants[0]][0]["phases"])
+    print("\n| phase (ms per step) | " + " | ".join(
+        name[v] + (f": median of {args.rounds} (range)" if args.rounds > 1 else "")
+        for v in variants) + " |")
+    print("|---|" + "---|" * len(variants))
+    for step in steps:
+        cells = []
+        for compiled in variants:
+            values = [r["phases"][step] for r in results[compiled]]
+            cells.append(f"{np.median(values):.1f}" if len(values) == 1 else
+                         f"{np.median(values):.1f} ({min(values):.1f}–{max(values):.1f})")
+        print(f"| {step} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
