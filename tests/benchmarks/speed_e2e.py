@@ -56,42 +56,61 @@ from speed import LENGTHS, MatmulBound, build_store, time_epoch  # noqa: E402
 
 
 class EpochTimer(Callback):
-    """Writes each training epoch's wall seconds and clips, and validation's from its second
-    batch on (the first of a ``validate`` process loads any compiled kernel), to ``path``."""
+    """Records each training epoch's wall seconds, clips and batches (a validation inside the
+    epoch left out), and validation's from its second batch on (the first of a ``validate``
+    process loads any compiled kernel): in :attr:`rows`, and as JSON lines in ``path`` if given
+    (for a CLI run in another process). Every hook, callback and the loop itself count."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str | None = None) -> None:
         self.path = path
+        self.rows: list[dict] = []
         self.start: dict[str, float] = {}
-        self.clips = {"train": 0, "val": 0}  # validation runs inside fit's last training epoch
+        self.clips = {"train": 0, "val": 0}
+        self.batches = {"train": 0, "val": 0}
+        self.paused: float | None = None
 
-    def _write(self, stage: str, trainer) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"stage": stage, "epoch": trainer.current_epoch,
-                                "clips": self.clips[stage],
-                                "seconds": time.perf_counter() - self.start[stage]}) + "\n")
+    def _record(self, stage: str, trainer) -> None:
+        row = {"stage": stage, "epoch": trainer.current_epoch, "clips": self.clips[stage],
+               "batches": self.batches[stage],
+               "seconds": time.perf_counter() - self.start[stage]}
+        self.rows.append(row)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _count(self, stage: str, batch) -> None:
+        self.clips[stage] += len(batch)
+        self.batches[stage] += 1
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.start["train"], self.clips["train"] = time.perf_counter(), 0
+        self.start["train"], self.clips["train"], self.batches["train"] = time.perf_counter(), 0, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.clips["train"] += len(batch)
+        self._count("train", batch)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._write("train", trainer)
+        self._record("train", trainer)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.paused = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if "train" in self.start and self.paused is not None:  # not the training's time
+            self.start["train"] += time.perf_counter() - self.paused
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx,
                                   dataloader_idx=0) -> None:
         if batch_idx == 1:
-            self.start["val"], self.clips["val"] = time.perf_counter(), 0
+            self.start["val"], self.clips["val"], self.batches["val"] = time.perf_counter(), 0, 0
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
                                 dataloader_idx=0) -> None:
         if batch_idx >= 1:
-            self.clips["val"] += len(batch)
+            self._count("val", batch)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
-            self._write("val", trainer)
+            self._record("val", trainer)
 
 
 class WindowFloor:
@@ -125,37 +144,6 @@ class WindowFloor:
         x @ w.t()
         gy @ w
         gy.t() @ x
-
-
-class StageWall(Callback):
-    """Wall milliseconds per batch of a ``fit``'s training steps (from the epoch's start to its
-    validation's, which runs after them) and of its validation batches from the second on (as
-    :class:`EpochTimer`): every hook, callback and the loop itself included."""
-
-    def __init__(self) -> None:
-        self.ms: dict[str, float] = {}
-        self.start, self.batches = 0.0, 0
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.start, self.batches = time.perf_counter(), 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.batches += 1
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        if "train" not in self.ms:
-            self.ms["train"] = 1000 * (time.perf_counter() - self.start) / self.batches
-
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx,
-                                  dataloader_idx=0) -> None:
-        if batch_idx == 1:
-            self.start, self.batches = time.perf_counter(), 0
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
-                                dataloader_idx=0) -> None:
-        if batch_idx >= 1:
-            self.batches += 1
-            self.ms["val"] = 1000 * (time.perf_counter() - self.start) / self.batches
 
 
 def cli_rows(store: Path, root: Path, epochs: int, precision: str, threads: int,
@@ -226,7 +214,7 @@ def phases(store: Path, root: Path, steps: int, precision: str,
             model.train()(batch)
             with torch.inference_mode():
                 model.eval()(batch)
-        wall = StageWall()
+        wall = EpochTimer()
         profiler = SimpleProfiler(dirpath=str(root), filename="profile")  # its report to a file
         trainer = Trainer(accelerator="cpu", precision=precision, max_epochs=1,
                           limit_train_batches=steps, limit_val_batches=steps,
@@ -253,6 +241,10 @@ def phases(store: Path, root: Path, steps: int, precision: str,
         durations[f"{name} (train)"], durations[f"{name} (eval)"] = both[:steps], both[steps:]
     total = {k: float(np.sum(v)) for k, v in durations.items()}
 
+    def per_batch_ms(stage: str) -> float:  # the wall clock, every hook included
+        row = next(r for r in wall.rows if r["stage"] == stage)
+        return 1000 * row["seconds"] / row["batches"]
+
     def ms(*keys: str) -> float:
         return 1000 * sum(total.get(k, 0.0) for k in keys) / steps
 
@@ -274,10 +266,10 @@ def phases(store: Path, root: Path, steps: int, precision: str,
              "[Strategy]SingleDeviceStrategy.backward"),
         "EMA": ms("[Callback]EMA.on_train_batch_end"),
         "logging": 1000 * sum(spent["logging"]) / steps,
-        "training step, all": wall.ms["train"],
+        "training step, all": per_batch_ms("train"),
         "eval: projector (forward)": fwd_eval,
         "eval: loader (read rows)": ms("reads (eval)"),
-        "eval: step, all": wall.ms["val"],
+        "eval: step, all": per_batch_ms("val"),
     }
     return out
 
